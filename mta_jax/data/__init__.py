@@ -1,0 +1,1 @@
+"""Tool catalogues, query records, benchmark loaders, doc rendering and tokenisation."""

@@ -1,0 +1,1 @@
+"""Evaluation on the fixed protocol and shipped-candidate sets, and the baselines."""

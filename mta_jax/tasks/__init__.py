@@ -1,0 +1,1 @@
+"""Tool-disjoint splits, candidate sampling (SD/CD) and meta-task (episode) batching."""

@@ -1,0 +1,1 @@
+"""Training state, sharding, checkpointing, metrics and the loop."""
