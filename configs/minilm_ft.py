@@ -1,0 +1,28 @@
+"""FT baseline: pooled LoRA fine-tuning of all-MiniLM-L6-v2 on the same episodes and budget, no inner loop.
+
+Command:
+  python launch/train.py --config configs/minilm_ft.py --workdir runs/minilm_ft
+  python launch/eval.py  --config configs/minilm_ft.py --workdir runs/minilm_ft --methods=ft
+Expected runtime and metric: BUILD_NOTES.md "Main job" and "Results".
+
+Identical to minilm_mta (same data stream, steps, LoRA, optimiser) except `meta.algorithm = "pooled"`:
+the loss on support ∪ query items of each episode, so the comparison isolates the inner loop.
+"""
+import importlib.util
+import pathlib
+
+
+def _mta():
+    path = pathlib.Path(__file__).with_name("minilm_mta.py")
+    spec = importlib.util.spec_from_file_location("minilm_mta", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def get_config(arg=None):
+    c = _mta().get_config(arg)
+    c.meta.algorithm = "pooled"
+    c.meta.inner_steps = 0
+    c.eval.methods = ("ft",)
+    return c

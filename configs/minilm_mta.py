@@ -1,0 +1,51 @@
+"""MetaToolAgent on the CPU default backbone: second-order MAML over LoRA of all-MiniLM-L6-v2.
+
+Command (2 CPU cores; the README's first command runs it together with the FT baseline and eval):
+  python launch/train.py --config configs/minilm_mta.py --workdir runs/minilm_mta
+  python launch/eval.py  --config configs/minilm_mta.py --workdir runs/minilm_mta \
+      --methods=random,bm25,zero_shot,mta
+Expected runtime: see BUILD_NOTES.md "Main job" (measured, not guessed).
+Expected metric: see BUILD_NOTES.md "Results" for the measured table on unseen test tools.
+
+Meta-task: an episode is a tool subset of one train domain (SD) or mixed domains (CD) with support
+and query items whose 5 candidates come from that subset; the inner loop adapts the LoRA tree on the
+support items, the outer loop differentiates the query loss through it (true second order).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 300
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.eval_every = 0            # 0: no periodic val evaluation during training
+    c.init_from = ""            # another workdir to start from (when this one has no checkpoint)
+    c.tasks_per_step = 4
+    c.prefetch = 2
+
+    c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", remat=False))  # "" = packaged MiniLM
+    c.loss = ml_collections.ConfigDict(dict(scale=20.0))
+    c.data = ml_collections.ConfigDict(dict(
+        datasets=("metatool", "toollens"), doc_style="name_desc", query_len=48, doc_len=64))
+    c.episode = ml_collections.ConfigDict(dict(
+        tools_per_episode=8, support=5, query=5, candidates=5, regime="mixed",
+        dataset_weighting="uniform"))
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=8, alpha=16.0, targets=r"layers/(attn/(q|k|v|o)|mlp/(up|down))/kernel", first_layer=4))
+    c.meta = ml_collections.ConfigDict(dict(
+        algorithm="maml", inner_steps=1, inner_lr=0.05, first_order=False, remat=True))
+    c.outer = ml_collections.ConfigDict(dict(lr=1e-3, warmup=20, clip=1.0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        methods=("random", "bm25", "zero_shot", "mta"),
+        sets=("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toollens/test_cd",
+              "bfcl/multiple", "bfcl/live_multiple", "seal_tools/dev", "seal_tools/test_in_domain",
+              "api_bank/level-1"),
+        max_len=256, adapt_shots=5, batch_size=128))
+    if arg:
+        raise ValueError(f"minilm_mta takes no config argument, got {arg!r}")
+    return c

@@ -1,0 +1,108 @@
+"""Turns tools into text: documents for the bi-encoder, labels and prompts for the decoder."""
+from __future__ import annotations
+
+import json
+from typing import Callable, Mapping, Sequence
+
+from mta_jax.data.records import Tool
+
+
+def _name_desc(tool: Tool) -> str:
+    # The data README's reference rendering: the reference zero-shot numbers were computed with it.
+    return f"{tool.name}: {tool.description}"
+
+
+def _params_text(parameters) -> str:
+    if parameters is None:
+        return ""
+    # Compact, key-order-preserving JSON: deterministic and close to how schemas appear in prompts.
+    return json.dumps(parameters, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _name_desc_params(tool: Tool) -> str:
+    params = _params_text(tool.parameters)
+    return _name_desc(tool) + (f" Parameters: {params}" if params else "")
+
+
+def _extra(field: str, style: str) -> Callable[[Tool], str]:
+    def render(tool: Tool) -> str:
+        v = tool.extras.get(field)
+        if not isinstance(v, str) or not v.strip():
+            raise KeyError(f"tool {tool.tool_id!r} has no {field!r} text, needed by tool_text style {style!r} "
+                           "(only ToolLens tools carry it)")
+        return v
+    return render
+
+
+def _toollens_full_name(tool: Tool) -> str:
+    # ToolLens' bare endpoint names collide (e.g. 'Autocomplete'); prefixing the RapidAPI tool disambiguates.
+    return f"{_extra('tool_name', 'tool_name_desc')(tool)} / {tool.name}: {tool.description}"
+
+
+TOOL_TEXT_STYLES: Mapping[str, Callable[[Tool], str]] = {
+    "name_desc": _name_desc,
+    "name_desc_params": _name_desc_params,
+    "doc_text": _extra("doc_text", "doc_text"),
+    "tool_name_desc": _toollens_full_name,
+}
+
+
+def tool_text(tool: Tool, style: str = "name_desc") -> str:
+    """Renders a tool as a document for embedding.
+
+    Args:
+      tool: the tool.
+      style: a key of :data:`TOOL_TEXT_STYLES`: ``"name_desc"`` = ``f"{name}: {description}"`` (the
+        reference), ``"name_desc_params"`` (+ JSON parameter schema), ``"doc_text"`` (ToolLens' flattened
+        doc with parameters), ``"tool_name_desc"`` (ToolLens: RapidAPI tool name / endpoint name).
+
+    Raises:
+      KeyError: unknown style, or the tool lacks the field the style needs.
+    """
+    if style not in TOOL_TEXT_STYLES:
+        raise KeyError(f"unknown tool_text style {style!r}; have {sorted(TOOL_TEXT_STYLES)}")
+    return TOOL_TEXT_STYLES[style](tool)
+
+
+LABEL_STYLES: Mapping[str, Callable[[Tool], str]] = {
+    "name": lambda t: t.name,
+    "tool_name/name": lambda t: f"{_extra('tool_name', 'tool_name/name')(t)}/{t.name}",
+}
+
+PROMPT_HEADER = ("Choose the one tool that best serves the user's request. "
+                 "Answer with the tool's name only.\n\nTools:\n")
+
+
+def decoder_prompt(query: str, candidates: Sequence[Tool], gold: Tool | None = None,
+                   *, label_style: str = "name") -> tuple[str, str]:
+    """Builds the decoder's selection prompt (the paper's setup: candidates listed, target = tool name).
+
+    Args:
+      query: the user query.
+      candidates: the candidate tools, in display order.
+      gold: the correct tool (must be among ``candidates``); ``None`` for inference (target ``""``).
+      label_style: how a tool is named (a key of :data:`LABEL_STYLES`); the target uses the same label.
+
+    Returns:
+      ``(prompt, target)``: the prompt ends with ``"Tool:"``; the target is ``" " + label`` so that it
+      tokenizes as a continuation (constrained scoring compares the candidates' targets).
+
+    Raises:
+      ValueError: two candidates share a label (exact-match answers would be ambiguous: use another
+        ``label_style``), or ``gold`` is not a candidate.
+    """
+    if label_style not in LABEL_STYLES:
+        raise KeyError(f"unknown label_style {label_style!r}; have {sorted(LABEL_STYLES)}")
+    label = LABEL_STYLES[label_style]
+    labels = [label(t) for t in candidates]
+    if len(set(labels)) != len(labels):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        raise ValueError(f"candidates share label(s) {dup} under label_style {label_style!r}; "
+                         f"the model's answer would be ambiguous")
+    lines = [f"- {lab}: {t.description}" if t.description else f"- {lab}" for lab, t in zip(labels, candidates)]
+    prompt = PROMPT_HEADER + "\n".join(lines) + f"\n\nRequest: {query}\nTool:"
+    if gold is None:
+        return prompt, ""
+    if gold.tool_id not in {t.tool_id for t in candidates}:
+        raise ValueError(f"gold tool {gold.tool_id!r} is not among the candidates")
+    return prompt, " " + label(gold)

@@ -1,0 +1,184 @@
+"""Tool-selection metrics (top-1 accuracy, recall@k, nDCG@k), seed aggregation and the `evaluate` loop.
+
+Conventions:
+
+* A method returns, per item, one score per candidate (in the item's candidate order) or, for
+  ``candidates=None`` items, one score per catalogue tool (in catalogue order).
+* The choice is the argmax with ties going to the *first* candidate (``np.argmax`` semantics), so a
+  constant scorer always picks candidate 0 — deterministic, never optimistic.
+* Rankings (recall@k, nDCG@k) sort by descending score with a *stable* sort, so ties keep
+  candidate order, consistent with the argmax rule.
+* Seeds of a protocol set are aggregated as mean and **sample** standard deviation
+  (``ddof=1``, :data:`STD_DDOF`): the five protocol seeds are draws of distractor sets, and the
+  spread we report is the estimate of that draw-to-draw variability, not of five fixed numbers.
+  A single-seed set has ``std = None``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # only for annotations: metrics stay importable without the data layer
+    from mta_jax.eval.sets import EvalSet
+
+STD_DDOF = 1
+RECALL_K = 5
+NDCG_K = 10
+
+# A method scores every set of a group (e.g. the 5 seeds of a protocol set) in one call, so
+# embedding methods can embed each unique text once across seeds.
+Scorer = Callable[[Sequence["EvalSet"]], list[list[np.ndarray]]]
+
+
+def choose(scores: np.ndarray) -> int:
+    """Index of the highest score; ties go to the first (lowest index) candidate."""
+    scores = np.asarray(scores)
+    if scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D array, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN; a NaN would make the choice arbitrary")
+    return int(np.argmax(scores))
+
+
+def ranking(scores: np.ndarray) -> np.ndarray:
+    """Candidate indices by descending score; ties keep candidate order (stable sort)."""
+    return np.argsort(-np.asarray(scores), kind="stable")
+
+
+def top1_correct(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]) -> bool:
+    """Whether the chosen candidate is one of the gold tools (multi-gold: any gold counts)."""
+    return candidates[choose(scores)] in set(gold)
+
+
+def recall_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str],
+                k: int = RECALL_K) -> float:
+    """Fraction of the gold tools found among the ``k`` highest-scored candidates."""
+    gold_set = set(gold)
+    if not gold_set:
+        raise ValueError("recall is undefined for an item without gold tools")
+    top = {candidates[i] for i in ranking(scores)[:k]}
+    return len(top & gold_set) / len(gold_set)
+
+
+def ndcg_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str],
+              k: int = NDCG_K) -> float:
+    """Binary-relevance nDCG@k: ``sum_{rank r<=k, relevant} 1/log2(r+1)`` over the ideal value.
+
+    The ideal ranking puts ``min(|gold|, k)`` relevant tools first (Järvelin & Kekäläinen, 2002).
+    """
+    gold_set = set(gold)
+    if not gold_set:
+        raise ValueError("nDCG is undefined for an item without gold tools")
+    order = ranking(scores)[:k]
+    dcg = sum(1.0 / math.log2(r + 2) for r, i in enumerate(order) if candidates[i] in gold_set)
+    ideal = sum(1.0 / math.log2(r + 2) for r in range(min(len(gold_set), k)))
+    return dcg / ideal
+
+
+def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, float]:
+    """Metrics of one eval set given per-item scores.
+
+    Returns ``{"accuracy", "n"}`` plus ``"recall@5"`` and ``"ndcg@10"`` when the set's items are
+    scored over the whole pool (``candidates=None``).
+
+    Raises:
+      ValueError: the number of score vectors or of scores in one vector does not match, naming
+        the set and item.
+    """
+    if len(scores) != len(eval_set.items):
+        raise ValueError(f"{eval_set.label}: got {len(scores)} score vectors for "
+                         f"{len(eval_set.items)} items")
+    pool = None
+    correct, recalls, ndcgs = 0, [], []
+    for item, s in zip(eval_set.items, scores):
+        if item.candidates is None:
+            pool = pool if pool is not None else tuple(eval_set.catalogue.ids())
+            cands = pool
+        else:
+            cands = item.candidates
+        s = np.asarray(s)
+        if s.shape != (len(cands),):
+            raise ValueError(f"{eval_set.label}: item {item.id!r} has {len(cands)} candidates "
+                             f"but scores of shape {s.shape}")
+        correct += top1_correct(s, cands, item.gold)
+        if item.candidates is None:
+            recalls.append(recall_at_k(s, cands, item.gold))
+            ndcgs.append(ndcg_at_k(s, cands, item.gold))
+    n = len(eval_set.items)
+    out: dict[str, float] = {"accuracy": correct / n if n else float("nan"), "n": n}
+    if recalls:
+        if len(recalls) != n:
+            raise ValueError(f"{eval_set.label}: mixes pool items and candidate-list items; "
+                             "recall@5 / nDCG@10 would be over a subset")
+        out[f"recall@{RECALL_K}"] = float(np.mean(recalls))
+        out[f"ndcg@{NDCG_K}"] = float(np.mean(ndcgs))
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (``ddof=STD_DDOF``); std is None for one value."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("cannot aggregate zero values")
+    if v.size <= STD_DDOF:
+        return float(v.mean()), None
+    return float(v.mean()), float(v.std(ddof=STD_DDOF))
+
+
+def aggregate(group: Sequence[EvalSet], per_set: Sequence[Mapping[str, float]]) -> dict:
+    """Combines the metrics of the sets of one group (protocol seeds) into one results entry.
+
+    ``accuracy`` is the mean over sets and ``std`` its spread (see :func:`mean_std`); ranking
+    metrics are averaged; ``n`` is the number of items per set (must agree across seeds).
+    """
+    ns = {m["n"] for m in per_set}
+    if len(ns) != 1:
+        raise ValueError(f"{group[0].name}: sets of one group differ in size: {sorted(ns)}")
+    acc, std = mean_std([m["accuracy"] for m in per_set])
+    out: dict = {"accuracy": acc, "std": std, "n": ns.pop()}
+    if len(group) > 1:
+        out["seeds"] = len(group)
+    for key in (f"recall@{RECALL_K}", f"ndcg@{NDCG_K}"):
+        if key in per_set[0]:
+            out[key] = mean_std([m[key] for m in per_set])[0]
+    skipped = {s.skipped_empty_gold for s in group}
+    if any(skipped):
+        out["skipped_empty_gold"] = max(skipped)
+    return out
+
+
+def evaluate(methods: Mapping[str, Scorer], sets: Mapping[str, Sequence[EvalSet]],
+             log: Callable[[str], None] | None = None) -> dict:
+    """Runs every method on every eval-set group and returns the ``results.json`` dict.
+
+    Args:
+      methods: method name -> scorer (see :data:`Scorer`).
+      sets: eval-set name -> its sets (one per protocol seed, or a single set).
+      log: optional callback receiving one progress line per (set, method).
+
+    Returns:
+      ``{set name: {method name: entry}}`` with entries as in :func:`aggregate` plus ``seconds``.
+    """
+    results: dict = {}
+    for set_name, group in sets.items():
+        group = tuple(group)
+        if not group:
+            raise ValueError(f"eval set {set_name!r} has no sets")
+        results[set_name] = {}
+        for method_name, scorer in methods.items():
+            t0 = time.perf_counter()
+            all_scores = scorer(group)
+            if len(all_scores) != len(group):
+                raise ValueError(f"method {method_name!r} returned {len(all_scores)} score lists "
+                                 f"for the {len(group)} sets of {set_name!r}")
+            entry = aggregate(group, [set_metrics(s, sc) for s, sc in zip(group, all_scores)])
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            results[set_name][method_name] = entry
+            if log is not None:
+                std = "" if entry["std"] is None else f" ± {100 * entry['std']:.1f}"
+                log(f"{set_name:28s} {method_name:12s} acc {100 * entry['accuracy']:.1f}{std} "
+                    f"(n={entry['n']}, {entry['seconds']:.1f}s)")
+    return results

@@ -1,0 +1,216 @@
+"""Meta-learning algorithms as outer-gradient rules over one shared inner loop, registered by name.
+
+Every algorithm is an :class:`Algorithm` of pure functions; :data:`ALGORITHMS` maps the names
+``maml``, ``fomaml``, ``meta_sgd``, ``anil``, ``reptile``, ``imaml`` and ``pooled`` to them. Inside
+this module a loss function always has the ``(params, batch) -> (loss, aux dict)`` convention
+(:mod:`mta_jax.meta.step` wraps plain losses), so metrics flow the same way for every variant.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mta_jax.meta.inner import InnerConfig, LossFn, adapt
+from mta_jax.meta.outer import map_tasks, meta_loss
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+    """Which meta-learning algorithm, with its inner loop and algorithm-specific knobs.
+
+    Attributes:
+      name: a key of :data:`ALGORITHMS`.
+      inner: the inner-loop configuration shared by all algorithms.
+      imaml_lambda: iMAML's proximal strength ``lambda`` (Rajeswaran et al., 2019, eq. 3).
+      imaml_cg_steps: conjugate-gradient iterations solving ``(I + H / lambda) g = grad L_q``.
+      task_chunk: ``None`` vmaps all tasks at once; ``k`` runs ``k`` tasks at a time (less memory).
+    """
+
+    name: str = "maml"
+    inner: InnerConfig = InnerConfig()
+    imaml_lambda: float = 1.0
+    imaml_cg_steps: int = 5
+    task_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.name not in ALGORITHMS:
+            raise ValueError(f"MetaConfig.name {self.name!r} unknown; choose one of {sorted(ALGORITHMS)}")
+        if not self.imaml_lambda > 0:
+            raise ValueError(f"MetaConfig.imaml_lambda must be > 0, got {self.imaml_lambda!r}")
+        if self.imaml_cg_steps < 1:
+            raise ValueError(f"MetaConfig.imaml_cg_steps must be >= 1, got {self.imaml_cg_steps!r}")
+        if self.task_chunk is not None and self.task_chunk < 1:
+            raise ValueError(f"MetaConfig.task_chunk must be >= 1 or None, got {self.task_chunk!r}")
+        if self.name == "anil" and self.inner.adapt_pattern is None:
+            raise ValueError("MetaConfig(name='anil') needs inner.adapt_pattern (the leaves that adapt)")
+        if self.name == "imaml" and self.inner.adapt_pattern is not None:
+            raise ValueError("MetaConfig(name='imaml') adapts every leaf; inner.adapt_pattern must be None")
+        if self.name == "meta_sgd" and self.inner.optimizer != "sgd":
+            raise ValueError(f"MetaConfig(name='meta_sgd') needs inner.optimizer='sgd', got {self.inner.optimizer!r}")
+
+
+class Algorithm(NamedTuple):
+    """One meta-learning algorithm as pure functions.
+
+    Attributes:
+      init: ``(params, cfg) -> meta_params``: the meta-parameters learned in the outer loop.
+      initial: ``(meta_params) -> params``: the initialisation used at test time.
+      outer: ``(meta_params, loss_fn, supports, queries, cfg) -> (loss, grads, metrics)``:
+        the outer loss, its (meta-)gradient w.r.t. ``meta_params`` and task-mean metrics.
+      adapt: ``(meta_params, loss_fn, support, cfg) -> params``: test-time adaptation to one task.
+    """
+
+    init: Callable
+    initial: Callable
+    outer: Callable
+    adapt: Callable
+
+
+def _identity_init(params, cfg):
+    del cfg
+    return params
+
+
+def _identity(meta_params):
+    return meta_params
+
+
+def _sg(tree):
+    return jax.lax.stop_gradient(tree)
+
+
+# --- MAML family: the gradient of meta_loss (second order, first order, subset). -------------
+
+def _maml_inner(cfg: MetaConfig) -> InnerConfig:
+    return dataclasses.replace(cfg.inner, first_order=True) if cfg.name == "fomaml" else cfg.inner
+
+
+def _maml_outer(meta_params, loss_fn, supports, queries, cfg):
+    inner = _maml_inner(cfg)
+    f = lambda p: meta_loss(p, loss_fn, supports, queries, inner, has_aux=True, task_chunk=cfg.task_chunk)
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
+    return loss, grads, metrics
+
+
+def _maml_adapt(meta_params, loss_fn, support, cfg):
+    return adapt(meta_params, loss_fn, support, _maml_inner(cfg), has_aux=True)
+
+
+# --- Meta-SGD (Li et al., 2017): per-leaf inner rates are meta-parameters. ------------------
+
+def _msgd_init(params, cfg):
+    lr = jax.tree.map(lambda x: jnp.full((), cfg.inner.lr, jnp.result_type(x)), params)
+    return {"init": params, "lr": lr}
+
+
+def _msgd_outer(meta_params, loss_fn, supports, queries, cfg):
+    f = lambda mp: meta_loss(mp["init"], loss_fn, supports, queries, cfg.inner, has_aux=True,
+                             lrs=mp["lr"], task_chunk=cfg.task_chunk)
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
+    return loss, grads, metrics
+
+
+def _msgd_adapt(meta_params, loss_fn, support, cfg):
+    return adapt(meta_params["init"], loss_fn, support, cfg.inner, has_aux=True, lrs=meta_params["lr"])
+
+
+# --- Pooled multi-task fine-tuning and Reptile: the task's data is support and query together. --
+
+def _pooled_loss(loss_fn: LossFn) -> LossFn:
+    """``(params, (support, query)) -> mean of the two losses (and of their aux)``."""
+    def f(params, sq):
+        (ls, a_s), (lq, a_q) = loss_fn(params, sq[0]), loss_fn(params, sq[1])
+        return 0.5 * (ls + lq), jax.tree.map(lambda x, y: 0.5 * (x + y), a_s, a_q)
+    return f
+
+
+def _pooled_outer(meta_params, loss_fn, supports, queries, cfg):
+    pooled = _pooled_loss(loss_fn)
+
+    def per_task(s, q):
+        (loss, aux), grads = jax.value_and_grad(pooled, has_aux=True)(meta_params, (s, q))
+        ls = jax.lax.stop_gradient(loss_fn(meta_params, s)[0])  # the same forward XLA already did
+        metrics = {"inner/loss_pre": ls, "inner/loss_post": ls}
+        metrics.update({f"outer/{k}": jnp.mean(v) for k, v in aux.items()})
+        return loss, grads, metrics
+
+    return jax.tree.map(jnp.mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+
+
+def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
+    """Reptile (Nichol et al., 2018): the direction ``theta - phi`` after adapting on the task's data.
+
+    The returned "gradient" is ``mean_tasks(theta - phi)``, so outer SGD with rate ``eps`` is
+    ``theta + eps (phi - theta)``. ``loss`` is the pooled task loss at ``theta`` (before adaptation).
+    """
+    pooled = _pooled_loss(loss_fn)
+    inner = dataclasses.replace(cfg.inner, first_order=True, remat=False)  # never differentiated
+    theta = _sg(meta_params)
+
+    def per_task(s, q):
+        phi, aux = adapt(theta, pooled, (s, q), inner, has_aux=True, return_aux=True)
+        post = pooled(phi, (s, q))[0]
+        direction = jax.tree.map(lambda t, p: t - p, theta, phi)
+        pre = aux.losses[0] if inner.steps > 0 else post
+        metrics = {"inner/loss_pre": pre, "inner/loss_post": post}
+        return pre, direction, metrics
+
+    return jax.tree.map(jnp.mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+
+
+def _reptile_adapt(meta_params, loss_fn, support, cfg):
+    return adapt(meta_params, loss_fn, support, dataclasses.replace(cfg.inner, first_order=True), has_aux=True)
+
+
+# --- iMAML (Rajeswaran et al., 2019): implicit gradient, memory independent of inner steps. ----
+
+def _imaml_inner(cfg: MetaConfig) -> InnerConfig:
+    return dataclasses.replace(cfg.inner, prox=cfg.imaml_lambda, first_order=True, remat=False)
+
+
+def _imaml_outer(meta_params, loss_fn, supports, queries, cfg):
+    """Per task: ``phi* ~ argmin L_s(phi) + lambda/2 ||phi - theta||^2`` by the inner loop, then
+    ``g = (I + H_s(phi*) / lambda)^{-1} grad L_q(phi*)`` by conjugate gradient (eq. 7), where the
+    Hessian enters only through Hessian-vector products (forward-over-reverse)."""
+    lam = cfg.imaml_lambda
+    inner = _imaml_inner(cfg)
+    theta = _sg(meta_params)
+
+    def per_task(s, q):
+        phi, aux = adapt(theta, loss_fn, s, inner, has_aux=True, return_aux=True)
+        phi = _sg(phi)
+        (loss, qaux), gq = jax.value_and_grad(loss_fn, has_aux=True)(phi, q)
+        grad_s = jax.grad(lambda p: loss_fn(p, s)[0])
+
+        def matvec(v):
+            hv = jax.jvp(grad_s, (phi,), (v,))[1]
+            return jax.tree.map(lambda a, b: a + b / lam, v, hv)
+
+        g, _ = jax.scipy.sparse.linalg.cg(matvec, gq, maxiter=cfg.imaml_cg_steps, tol=0.0)
+        post = loss_fn(phi, s)[0]
+        pre = aux.losses[0] if inner.steps > 0 else post
+        metrics = {"inner/loss_pre": pre, "inner/loss_post": post}
+        metrics.update({f"outer/{k}": jnp.mean(v) for k, v in qaux.items()})
+        return loss, g, metrics
+
+    return jax.tree.map(jnp.mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+
+
+def _imaml_adapt(meta_params, loss_fn, support, cfg):
+    return adapt(meta_params, loss_fn, support, _imaml_inner(cfg), has_aux=True)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "maml": Algorithm(_identity_init, _identity, _maml_outer, _maml_adapt),
+    "fomaml": Algorithm(_identity_init, _identity, _maml_outer, _maml_adapt),
+    "anil": Algorithm(_identity_init, _identity, _maml_outer, _maml_adapt),
+    "meta_sgd": Algorithm(_msgd_init, lambda mp: mp["init"], _msgd_outer, _msgd_adapt),
+    "reptile": Algorithm(_identity_init, _identity, _reptile_outer, _reptile_adapt),
+    "imaml": Algorithm(_identity_init, _identity, _imaml_outer, _imaml_adapt),
+    "pooled": Algorithm(_identity_init, _identity, _pooled_outer, _reptile_adapt),
+}

@@ -1,0 +1,481 @@
+"""Llama / Qwen2 decoder (GQA, RoPE, RMSNorm, SwiGLU) with LoRA, as pure functions over stacked layers.
+
+Einsum axis letters, used throughout: ``b`` batch, ``t`` query position, ``s`` key position,
+``d`` model width, ``k`` key/value heads, ``g`` query heads per kv head (``num_heads = k * g``),
+``e`` head dim, ``v`` vocabulary.
+
+Parameter tree (the LoRA target regexes of :mod:`mta_jax.model.lora` match these paths)::
+
+    embed (V, D); final_norm/scale (D,); lm_head (D, V)  [absent when tied: logits = h @ embed.T]
+    layers/attn/{q,k,v,o}/kernel (L, in, out) [+ q,k,v bias (L, out) for Qwen2]
+    layers/attn_norm/scale, layers/mlp_norm/scale (L, D); layers/mlp/{gate,up,down}/kernel
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mta_jax.model import hf_io
+from mta_jax.model.lora import LAYERS, LoRAParams, lora_dense, num_lora_layers, path_str
+
+# Large but finite: a fully masked row (a left-pad query) softmaxes to uniform instead of NaN.
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 ``rope_type="llama3"`` frequency scaling (HF ``_compute_llama3_parameters``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes and numerics of a Llama / Qwen2 decoder.
+
+    ``dtype`` is the compute dtype (matmul inputs); norms, softmax and logits are always computed in
+    at least fp32. ``param_dtype`` is the storage dtype of freshly initialised or loaded weights.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_position: int = 4096
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    arch: str = "llama"
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.arch not in _HF_ARCHS:
+            raise ValueError(f"arch={self.arch!r}; supported: {sorted(_HF_ARCHS)}")
+
+    @classmethod
+    def from_hf(cls, hf_config: dict) -> "DecoderConfig":
+        """Builds a config from a HF ``config.json`` dict (``model_type`` llama or qwen2).
+
+        Raises:
+          ValueError: unsupported model type, activation, RoPE variant, sliding window or biases.
+        """
+        model_type = hf_config.get("model_type")
+        if model_type not in _HF_ARCHS:
+            raise ValueError(f"config.json: model_type={model_type!r} is not supported; "
+                             f"supported: {sorted(_HF_ARCHS)}")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                               "num_attention_heads", "intermediate_size") if k not in hf_config]
+        if missing:
+            raise ValueError(f"config.json ({model_type}): missing fields {missing}")
+        act = hf_config.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json: hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
+        heads = hf_config["num_attention_heads"]
+        head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+        theta, scaling = _rope_from_hf(hf_config)
+        if model_type == "qwen2":
+            layer_types = hf_config.get("layer_types") or []
+            if hf_config.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+                raise ValueError("config.json: Qwen2 sliding-window attention is not supported "
+                                 f"(use_sliding_window={hf_config.get('use_sliding_window')}, "
+                                 f"layer_types={sorted(set(layer_types))})")
+            qkv_bias = True  # HF Qwen2Attention hard-codes bias=True on q/k/v, none on o
+        else:
+            for field in ("attention_bias", "mlp_bias"):
+                if hf_config.get(field):
+                    raise ValueError(f"config.json: Llama {field}=True is not supported")
+            qkv_bias = False
+        return cls(
+            vocab_size=hf_config["vocab_size"], hidden_size=hf_config["hidden_size"],
+            num_layers=hf_config["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf_config.get("num_key_value_heads") or heads, head_dim=head_dim,
+            intermediate_size=hf_config["intermediate_size"], rope_theta=float(theta),
+            rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)), qkv_bias=qkv_bias,
+            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+            max_position=int(hf_config.get("max_position_embeddings", 4096)), arch=model_type,
+            rope_scaling=scaling)
+
+    @classmethod
+    def qwen2_0_5b(cls) -> "DecoderConfig":
+        """Qwen2-0.5B (Qwen/Qwen2-0.5B ``config.json``)."""
+        return cls(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                   head_dim=64, intermediate_size=4864, rope_theta=1e6, rms_norm_eps=1e-6,
+                   qkv_bias=True, tie_embeddings=True, max_position=32768, arch="qwen2")
+
+    @classmethod
+    def llama3_8b(cls) -> "DecoderConfig":
+        """Meta-Llama-3-8B (``config.json``)."""
+        return cls(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                   head_dim=128, intermediate_size=14336, rope_theta=500000.0, rms_norm_eps=1e-5,
+                   max_position=8192, arch="llama")
+
+
+_HF_ARCHS = ("llama", "qwen2")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from transformers-5 ``rope_parameters`` or older ``rope_theta``/``rope_scaling``."""
+    rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("config.json: partial_rotary_factor != 1 is not supported")
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        try:
+            return theta, RopeScaling(
+                float(rp["factor"]), float(rp["low_freq_factor"]), float(rp["high_freq_factor"]),
+                int(rp.get("original_max_position_embeddings", hf.get("max_position_embeddings"))))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"config.json: llama3 rope parameters incomplete ({e}): {rp}") from e
+    raise ValueError(f"config.json: rope_type={kind!r} is not supported (only 'default' and 'llama3')")
+
+
+def _inv_freq(cfg: DecoderConfig) -> np.ndarray:
+    """RoPE inverse frequencies, computed in float32 exactly as HF does (a compile-time constant)."""
+    exps = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    inv = (np.float32(1.0) / np.float32(cfg.rope_theta) ** exps).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp in between.
+    wavelen = 2 * math.pi / inv
+    low_wl = s.original_max_position / s.low_freq_factor
+    high_wl = s.original_max_position / s.high_freq_factor
+    scaled = np.where(wavelen > low_wl, inv / s.factor, inv)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF ``x * cos + rotate_half(x) * sin`` (half-rotation layout), in fp32 or wider."""
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(wide)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    return (xf * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+
+
+class LoRADense(nn.Module):
+    """Dense layer ``x @ kernel (+ bias)``, plus ``scale * x @ a @ b`` when the ``lora`` collection has ``a``."""
+
+    features: int
+    use_bias: bool = False
+    lora_scale: float = 1.0
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = {"kernel": self.param("kernel", nn.initializers.normal(0.02),
+                                       (x.shape[-1], self.features), self.param_dtype)}
+        if self.use_bias:
+            params["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        leaf = None
+        if self.has_variable("lora", "a"):
+            leaf = {"a": self.get_variable("lora", "a"), "b": self.get_variable("lora", "b")}
+        return lora_dense(x, params, leaf, self.lora_scale)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in (at least) fp32; the result is cast back before the learned scale, as HF does."""
+
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with rotary embeddings."""
+
+    cfg: DecoderConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed):
+        c = self.cfg
+        dense = functools.partial(LoRADense, lora_scale=self.lora_scale, param_dtype=jnp.dtype(c.param_dtype))
+        b, t, _ = x.shape
+        kv, g, e = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        # Query head n = kv_head * g + j, matching HF's repeat_kv (each kv head serves g consecutive heads).
+        q = dense(c.num_heads * e, use_bias=c.qkv_bias, name="q")(x).reshape(b, t, kv, g, e)
+        k = dense(kv * e, use_bias=c.qkv_bias, name="k")(x).reshape(b, t, kv, e)
+        v = dense(kv * e, use_bias=c.qkv_bias, name="v")(x).reshape(b, t, kv, e)
+        q = _rotate(q, cos[:, :, None, None], sin[:, :, None, None])
+        k = _rotate(k, cos[:, :, None], sin[:, :, None])
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=wide) / math.sqrt(e)
+        scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, c.num_heads * e)
+        return dense(c.hidden_size, name="o")(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    cfg: DecoderConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        dense = functools.partial(LoRADense, lora_scale=self.lora_scale, param_dtype=jnp.dtype(c.param_dtype))
+        h = nn.silu(dense(c.intermediate_size, name="gate")(x)) * dense(c.intermediate_size, name="up")(x)
+        return dense(c.hidden_size, name="down")(h)
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm transformer block; its parameters are one slice of the stacked ``layers`` tree."""
+
+    cfg: DecoderConfig
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed):
+        c, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
+        h = x + Attention(c, self.lora_scale, name="attn")(
+            RMSNorm(c.rms_norm_eps, pd, name="attn_norm")(x), cos, sin, allowed)
+        return h + MLP(c, self.lora_scale, name="mlp")(RMSNorm(c.rms_norm_eps, pd, name="mlp_norm")(h))
+
+
+def init_params(cfg: DecoderConfig, key: jax.Array) -> dict:
+    """Random parameters (normal(0.02) kernels and embeddings, unit norms, zero biases), HF-style.
+
+    Works under ``jax.eval_shape`` to obtain the tree of a full-size model without allocating it.
+    """
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    pd = jnp.dtype(cfg.param_dtype)
+    x = jnp.zeros((1, 1, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    rope = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
+    allowed = jnp.ones((1, 1, 1), bool)
+    block = DecoderBlock(cfg)
+    layers = jax.vmap(lambda k: block.init(k, x, rope, rope, allowed)["params"])(
+        jax.random.split(k_layers, cfg.num_layers))
+    params = {"embed": 0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size), pd),
+              LAYERS: layers, "final_norm": {"scale": jnp.ones((cfg.hidden_size,), pd)}}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = 0.02 * jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size), pd)
+    return params
+
+
+def _check_lora(params: dict, lora: LoRAParams) -> None:
+    """Every LoRA leaf must sit on a stacked kernel of this model with matching shapes (trace-time check)."""
+    if set(lora.tree) != {LAYERS}:
+        raise ValueError(f"decoder LoRA supports only stacked-layer targets; got top-level keys {sorted(lora.tree)}")
+    n = num_lora_layers(lora)
+    for path, a in jax.tree_util.tree_flatten_with_path(lora.tree[LAYERS])[0]:
+        p = path_str(path)
+        module, leaf = p.rsplit("/", 1)
+        node = params[LAYERS]
+        try:
+            for key in module.split("/"):
+                node = node[key]
+            kernel = node["kernel"]
+        except (KeyError, TypeError):
+            raise ValueError(f"LoRA leaf layers/{p} has no base kernel layers/{module}/kernel") from None
+        _, d_in, d_out = kernel.shape
+        if leaf not in ("a", "b") or a.ndim != 3 or a.shape[0] != n or n > kernel.shape[0] or (
+                a.shape[1] != d_in if leaf == "a" else a.shape[2] != d_out):
+            raise ValueError(f"LoRA leaf layers/{p} has shape {a.shape}; base kernel is {kernel.shape} "
+                             f"and the adapter covers the top {n} layers")
+
+
+def _check_inputs(cfg: DecoderConfig, ids, mask) -> None:
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise ValueError(f"ids {ids.shape} and mask {mask.shape} must both be (batch, length)")
+    if ids.shape[1] > cfg.max_position:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position={cfg.max_position}")
+
+
+def _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed):
+    """``lax.scan`` of :class:`DecoderBlock` over the leading layer axis (rematerialised if ``cfg.remat``)."""
+    block = DecoderBlock(cfg, scale)
+
+    def body(h, xs):
+        p, lo = xs
+        variables = {"params": p} if lo is None else {"params": p, "lora": lo}
+        return block.apply(variables, h, cos, sin, allowed), None
+
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)  # scan already stops CSE across steps
+    return jax.lax.scan(body, x, (layers, lora_layers))[0]
+
+
+def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
+                  lora: LoRAParams | None = None) -> jax.Array:
+    """Final-norm hidden states ``(B, T, D)`` in ``cfg.dtype``.
+
+    Args:
+      cfg: model config (static).
+      params: base parameters (frozen; see the module docstring for the tree).
+      ids: token ids ``(B, T)``.
+      mask: ``(B, T)``, 1/True on real tokens. Padding may be on either side: positions are
+        ``cumsum(mask) - 1`` so left padding behaves like HF given the same ``position_ids``.
+      lora: optional adapter; it covers the top ``num_lora_layers(lora)`` layers.
+    """
+    _check_inputs(cfg, ids, mask)
+    dtype = jnp.dtype(cfg.dtype)
+    mask = mask.astype(bool)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    freqs = pos[..., None].astype(jnp.float32) * _inv_freq(cfg)
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    t = ids.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    allowed = causal[None] & mask[:, None, :]  # (b, t, s)
+    x = jnp.take(params["embed"], ids, axis=0).astype(dtype)
+    n_lora = 0
+    if lora is not None:
+        _check_lora(params, lora)
+        n_lora = num_lora_layers(lora)
+    split = cfg.num_layers - n_lora
+    layers = params[LAYERS]
+    if split > 0:  # frozen bottom: no LoRA variables, so XLA sees a plain dense stack
+        bottom = jax.tree.map(lambda a: a[:split], layers) if n_lora else layers
+        x = _scan_layers(cfg, bottom, None, 1.0, x, cos, sin, allowed)
+    if n_lora:
+        top = jax.tree.map(lambda a: a[split:], layers)
+        x = _scan_layers(cfg, top, lora.tree[LAYERS], lora.scale, x, cos, sin, allowed)
+    norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
+    return norm.apply({"params": params["final_norm"]}, x)
+
+
+def forward(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
+            lora: LoRAParams | None = None) -> jax.Array:
+    """Next-token logits ``(B, T, V)`` in fp32 (fp32 accumulation even when ``cfg.dtype`` is bf16).
+
+    Arguments as in :func:`hidden_states`; tied models project with ``embed.T``.
+    """
+    h = hidden_states(cfg, params, ids, mask, lora)
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    if cfg.tie_embeddings:
+        return jnp.einsum("btd,vd->btv", h, params["embed"].astype(h.dtype), preferred_element_type=acc)
+    return jnp.einsum("btd,dv->btv", h, params["lm_head"].astype(h.dtype), preferred_element_type=acc)
+
+
+def sequence_logprob(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
+                     target_mask: jax.Array, lora: LoRAParams | None = None) -> jax.Array:
+    """Sum of ``log p(ids[t] | ids[:t])`` over the target tokens of each sequence, shape ``(B,)``.
+
+    Used for tool selection: the prompt lists the candidates and the target span is a tool name;
+    ``-sequence_logprob`` is the training loss and scoring each candidate is constrained decoding.
+
+    Args:
+      target_mask: ``(B, T)``, True on target tokens. Token 0 has no prediction, so it must not be
+        a target (checked when the mask is concrete).
+      Other arguments as in :func:`hidden_states`.
+    """
+    if target_mask.shape != ids.shape:
+        raise ValueError(f"target_mask {target_mask.shape} must match ids {ids.shape}")
+    if not isinstance(target_mask, jax.core.Tracer) and np.asarray(target_mask)[:, 0].any():
+        raise ValueError("target_mask marks token 0, which no logit predicts")
+    logits = forward(cfg, params, ids, mask, lora)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(target_mask[:, 1:].astype(bool), picked, 0.0), axis=-1)
+
+
+# Our path inside one stacked layer -> (HF tensor name inside `layers.{i}.`, transpose (out,in)->(in,out)).
+_HF_LAYER = {
+    "attn/q/kernel": ("self_attn.q_proj.weight", True),
+    "attn/k/kernel": ("self_attn.k_proj.weight", True),
+    "attn/v/kernel": ("self_attn.v_proj.weight", True),
+    "attn/o/kernel": ("self_attn.o_proj.weight", True),
+    "attn/q/bias": ("self_attn.q_proj.bias", False),
+    "attn/k/bias": ("self_attn.k_proj.bias", False),
+    "attn/v/bias": ("self_attn.v_proj.bias", False),
+    "attn_norm/scale": ("input_layernorm.weight", False),
+    "mlp/gate/kernel": ("mlp.gate_proj.weight", True),
+    "mlp/up/kernel": ("mlp.up_proj.weight", True),
+    "mlp/down/kernel": ("mlp.down_proj.weight", True),
+    "mlp_norm/scale": ("post_attention_layernorm.weight", False),
+}
+
+
+def load_hf(model_dir: str | pathlib.Path, *, dtype: str = "float32",
+            param_dtype: str = "float32") -> tuple[DecoderConfig, dict]:
+    """Loads a HF Llama / Qwen2 checkpoint (``config.json`` + single or sharded safetensors).
+
+    Args:
+      model_dir: HF model folder.
+      dtype: compute dtype of the returned config.
+      param_dtype: storage dtype the weights are cast to (bf16 checkpoints included).
+
+    Returns:
+      ``(cfg, params)`` with stacked layers.
+
+    Raises:
+      hf_io.CheckpointError: missing, misshapen or unused tensors (naming them); ValueError for
+        unsupported configs.
+    """
+    cfg = dataclasses.replace(DecoderConfig.from_hf(hf_io.read_config(model_dir)),
+                              dtype=dtype, param_dtype=param_dtype)
+    reader = hf_io.TensorReader(hf_io.read_tensors(model_dir), str(model_dir), prefixes=("model.", ""))
+    pd = jnp.dtype(param_dtype)
+    D, E, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    out_dims = {"q": cfg.num_heads * E, "k": cfg.num_kv_heads * E, "v": cfg.num_kv_heads * E}
+    shapes = {"attn/o/kernel": (cfg.num_heads * E, D), "mlp/gate/kernel": (D, F),
+              "mlp/up/kernel": (D, F), "mlp/down/kernel": (F, D),
+              "attn_norm/scale": (D,), "mlp_norm/scale": (D,)}
+    for n, o in out_dims.items():
+        shapes[f"attn/{n}/kernel"] = (D, o)
+        if cfg.qkv_bias:
+            shapes[f"attn/{n}/bias"] = (o,)
+    layers: dict = {}
+    for ours, shape in shapes.items():
+        hf_name, transpose = _HF_LAYER[ours]
+        stacked = np.stack([np.asarray(reader.take(f"layers.{i}.{hf_name}", shape, transpose=transpose), pd)
+                            for i in range(cfg.num_layers)])
+        node = layers
+        *mods, leaf = ours.split("/")
+        for m in mods:
+            node = node.setdefault(m, {})
+        node[leaf] = jnp.asarray(stacked)
+    embed = np.asarray(reader.take("embed_tokens.weight", (cfg.vocab_size, D)), pd)
+    params = {"embed": jnp.asarray(embed), LAYERS: layers,
+              "final_norm": {"scale": jnp.asarray(np.asarray(reader.take("norm.weight", (D,)), pd))}}
+    if reader.has("lm_head.weight"):
+        head = np.asarray(reader.take("lm_head.weight", (D, cfg.vocab_size), transpose=True), pd)
+        if cfg.tie_embeddings and not np.array_equal(head.T, embed):
+            raise hf_io.CheckpointError(f"{model_dir}: tie_word_embeddings=true but lm_head.weight "
+                                        "differs from embed_tokens.weight")
+        if not cfg.tie_embeddings:
+            params["lm_head"] = jnp.asarray(head)
+    else:
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)  # HF ties when the head is not stored
+    unused = [n for n in reader.unused() if not n.endswith("rotary_emb.inv_freq")]
+    if unused:
+        raise hf_io.CheckpointError(f"{model_dir}: {len(unused)} tensors not used by the "
+                                    f"{cfg.arch} decoder: {unused[:8]}")
+    return cfg, params

@@ -1,0 +1,71 @@
+"""The device mesh and every sharding decision, in one place (big_vision, MaxText's logical axes).
+
+Meta-tasks are sharded on the ``data`` axis, so ``vmap`` over tasks becomes data parallelism; the
+(small) meta-parameters and optimiser state are replicated; the frozen base is replicated or, for
+large decoders, sharded over ``fsdp`` on its largest divisible axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+DATA, FSDP = "data", "fsdp"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; ``data=-1`` takes all devices not used by ``fsdp``."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """Builds a ``(data, fsdp)`` mesh with Auto axis types (sharding propagated by XLA)."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    fsdp = cfg.fsdp
+    data = n // fsdp if cfg.data == -1 else cfg.data
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not match {n} devices")
+    arr = np.asarray(devices).reshape(data, fsdp)
+    return Mesh(arr, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def task_sharded(mesh: Mesh, tree: PyTree) -> PyTree:
+    """Shardings that split every leaf's leading (task) axis over ``data``."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, P(DATA)) if np.ndim(x) else replicated(mesh), tree)
+
+
+def base_sharding(mesh: Mesh, base: PyTree) -> PyTree:
+    """Replicates the frozen base, or shards each leaf's largest ``fsdp``-divisible axis when fsdp > 1."""
+    n = mesh.shape[FSDP]
+
+    def spec(x):
+        if n == 1 or np.ndim(x) == 0:
+            return replicated(mesh)
+        dims = sorted(range(np.ndim(x)), key=lambda d: -x.shape[d])
+        for d in dims:
+            if x.shape[d] % n == 0:
+                parts = [None] * np.ndim(x)
+                parts[d] = FSDP
+                return NamedSharding(mesh, P(*parts))
+        return replicated(mesh)
+
+    return jax.tree.map(spec, base)
+
+
+def check_tasks_divisible(num_tasks: int, mesh: Mesh) -> None:
+    """Tasks per step must split evenly over the data axis (fixed shapes, no padding tasks)."""
+    if num_tasks % mesh.shape[DATA]:
+        raise ValueError(f"tasks_per_step={num_tasks} is not divisible by the mesh's data axis "
+                         f"({mesh.shape[DATA]} devices); change one of them")

@@ -1,0 +1,91 @@
+"""Frozen experiment settings read once from the ``ConfigDict``, and the training state."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+
+from mta_jax import meta
+from mta_jax.model import lora as lora_lib
+from mta_jax.tasks import episodes
+from mta_jax.train import sharding
+
+
+class TrainState(NamedTuple):
+    """Everything a checkpoint holds: the meta-learner's state plus the run's PRNG key."""
+
+    meta: meta.MetaState
+    key: jax.Array
+
+    @property
+    def step(self):
+        return self.meta.step
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    datasets: tuple[str, ...]
+    doc_style: str
+    query_len: int
+    doc_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The config as typed, frozen values: library code below the launch scripts reads only this."""
+
+    seed: int
+    steps: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    eval_every: int
+    init_from: str
+    model_path: str
+    model_dtype: str
+    remat_layers: bool
+    loss_scale: float
+    data: DataSettings
+    episode: episodes.EpisodeConfig
+    lora: lora_lib.LoRAConfig
+    meta: meta.MetaConfig
+    outer_lr: float
+    outer_warmup: int
+    outer_clip: float
+    tasks_per_step: int
+    mesh: sharding.MeshConfig
+    prefetch: int
+
+
+def _dc(cls, d: ml_collections.ConfigDict | dict, **extra) -> Any:
+    """Builds dataclass ``cls`` from a config section; unknown fields are an error, not ignored."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} config field(s): {unknown}; valid: {sorted(names)}")
+    for k, v in d.items():
+        if isinstance(v, list):
+            d[k] = tuple(v)
+    return cls(**d, **extra)
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
+    """Converts the experiment config once; every field must be present in the config file."""
+    c = config
+    return Settings(
+        seed=c.seed, steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every,
+        keep_checkpoints=c.keep_checkpoints, eval_every=c.eval_every, init_from=c.init_from,
+        model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
+        loss_scale=c.loss.scale,
+        data=_dc(DataSettings, c.data),
+        episode=_dc(episodes.EpisodeConfig, c.episode),
+        lora=_dc(lora_lib.LoRAConfig, c.lora),
+        meta=meta.MetaConfig.from_dict(dict(c.meta)),
+        outer_lr=c.outer.lr, outer_warmup=c.outer.warmup, outer_clip=c.outer.clip,
+        tasks_per_step=c.tasks_per_step,
+        mesh=_dc(sharding.MeshConfig, c.mesh),
+        prefetch=c.prefetch,
+    )

@@ -1,0 +1,110 @@
+"""Metrics on hand-computed cases: ties, multi-gold, recall@k, nDCG with a known ideal, seed aggregation."""
+import math
+
+import numpy as np
+import pytest
+
+from mta_jax.data.records import Catalogue, Tool
+from mta_jax.eval import metrics
+from mta_jax.eval.sets import EvalItem, EvalSet
+
+CANDS = ("a", "b", "c", "d", "e")
+
+
+def _catalogue(ids):
+    return Catalogue([Tool(t, t, f"tool {t}") for t in ids])
+
+
+def test_choose_ties_go_to_first_candidate():
+    assert metrics.choose(np.array([1.0, 3.0, 3.0, 2.0])) == 1
+    assert metrics.choose(np.zeros(4)) == 0
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.choose(np.array([0.1, np.nan]))
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.choose(np.array([]))
+
+
+def test_top1_multi_gold_any_gold_counts():
+    s = np.array([0.1, 0.2, 0.9, 0.3, 0.0])
+    assert metrics.top1_correct(s, CANDS, ("c",))
+    assert metrics.top1_correct(s, CANDS, ("a", "c"))
+    assert not metrics.top1_correct(s, CANDS, ("a", "b"))
+    # a tie between a gold and a non-gold tool is decided by candidate order, never optimistically
+    tie = np.array([0.5, 0.5, 0.0, 0.0, 0.0])
+    assert not metrics.top1_correct(tie, CANDS, ("b",))
+    assert metrics.top1_correct(tie, CANDS, ("a",))
+
+
+def test_recall_at_k_hand_computed():
+    cands = tuple("abcdefg")
+    s = np.array([7, 6, 5, 4, 3, 2, 1], float)  # ranking a..g
+    assert metrics.recall_at_k(s, cands, ("a", "g"), k=5) == 0.5
+    assert metrics.recall_at_k(s, cands, ("a", "e"), k=5) == 1.0
+    assert metrics.recall_at_k(s, cands, ("f",), k=5) == 0.0
+    # ties keep candidate order: all-equal scores rank a..g, so "f" falls outside the top 5
+    assert metrics.recall_at_k(np.zeros(7), cands, ("e", "f"), k=5) == 0.5
+
+
+def test_ndcg_known_ideal():
+    s = np.array([5, 4, 3, 2, 1], float)  # ranking a, b, c, d, e
+    got = metrics.ndcg_at_k(s, CANDS, ("b", "d"), k=10)
+    dcg = 1 / math.log2(3) + 1 / math.log2(5)  # relevant at ranks 2 and 4
+    ideal = 1 / math.log2(2) + 1 / math.log2(3)  # two relevant tools at ranks 1 and 2
+    assert got == pytest.approx(dcg / ideal, abs=1e-12)
+    assert metrics.ndcg_at_k(s, CANDS, ("a", "b"), k=10) == pytest.approx(1.0)
+    # cut-off: a relevant tool at rank 4 with k=3 contributes nothing; ideal uses min(|gold|, k)
+    assert metrics.ndcg_at_k(s, CANDS, ("d",), k=3) == 0.0
+    got = metrics.ndcg_at_k(s, CANDS, ("a", "b", "c", "d"), k=2)
+    assert got == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="gold"):
+        metrics.ndcg_at_k(s, CANDS, (), k=3)
+
+
+def test_mean_std_is_sample_std():
+    mean, std = metrics.mean_std([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9)
+    assert std == pytest.approx(math.sqrt((0.01 + 0 + 0.01) / 2))  # ddof=1
+    assert metrics.mean_std([0.7]) == (0.7, None)
+
+
+def _pool_set():
+    cat = _catalogue("abcdefg")
+    items = (EvalItem("q0", "x", ("a",), None), EvalItem("q1", "y", ("b", "g"), None))
+    return EvalSet("toy/pool", "toy", cat, items, skipped_empty_gold=3)
+
+
+def test_set_metrics_pool_set():
+    s = _pool_set()
+    scores = [np.array([7, 6, 5, 4, 3, 2, 1.0]), np.array([7, 6, 5, 4, 3, 2, 1.0])]
+    m = metrics.set_metrics(s, scores)
+    assert m["n"] == 2 and m["accuracy"] == 0.5
+    assert m["recall@5"] == pytest.approx((1.0 + 0.5) / 2)
+    ndcg_q1 = (1 / math.log2(3) + 1 / math.log2(8)) / (1 + 1 / math.log2(3))  # b rank 2, g rank 7
+    assert m["ndcg@10"] == pytest.approx((1.0 + ndcg_q1) / 2)
+    entry = metrics.aggregate((s,), [m])
+    assert entry["std"] is None and entry["skipped_empty_gold"] == 3 and "seeds" not in entry
+    with pytest.raises(ValueError, match="q1"):
+        metrics.set_metrics(s, [scores[0], np.zeros(3)])
+    with pytest.raises(ValueError, match="score vectors"):
+        metrics.set_metrics(s, scores[:1])
+
+
+def test_evaluate_aggregates_seeds():
+    cat = _catalogue("abcde")
+    group = tuple(
+        EvalSet("toy/seeded", "toy", cat,
+                tuple(EvalItem(f"q{i}", "x", (g,), CANDS) for i, g in enumerate(golds)), seed=seed)
+        for seed, golds in enumerate([("a", "a", "b", "c"), ("a", "b", "b", "b"), ("a", "a", "a", "a")]))
+
+    def first(group_):  # always picks candidate "a"
+        return [[np.zeros(5) for _ in s.items] for s in group_]
+
+    res = metrics.evaluate({"first": first}, {"toy/seeded": group})
+    e = res["toy/seeded"]["first"]
+    accs = [0.5, 0.25, 1.0]
+    assert e["accuracy"] == pytest.approx(np.mean(accs))
+    assert e["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert e["n"] == 4 and e["seeds"] == 3 and "recall@5" not in e
+    bad = lambda g: [[np.zeros(5) for _ in s.items] for s in g[:1]]
+    with pytest.raises(ValueError, match="returned 1 score lists"):
+        metrics.evaluate({"bad": bad}, {"toy/seeded": group})
