@@ -81,8 +81,9 @@ def ndcg_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]
 def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, float]:
     """Metrics of one eval set given per-item scores.
 
-    Returns ``{"accuracy", "n"}`` plus ``"recall@5"`` and ``"ndcg@10"`` when the set's items are
-    scored over the whole pool (``candidates=None``).
+    Returns ``{"accuracy", "n"}`` plus ``"recall@5"`` and ``"ndcg@10"`` when *all* the set's items
+    are scored over the whole pool (``candidates=None``); a set mixing pool items and candidate
+    lists reports accuracy only, since ranking metrics over a subset would not describe the set.
 
     Raises:
       ValueError: the number of score vectors or of scores in one vector does not match, naming
@@ -109,10 +110,7 @@ def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, fl
             ndcgs.append(ndcg_at_k(s, cands, item.gold))
     n = len(eval_set.items)
     out: dict[str, float] = {"accuracy": correct / n if n else float("nan"), "n": n}
-    if recalls:
-        if len(recalls) != n:
-            raise ValueError(f"{eval_set.label}: mixes pool items and candidate-list items; "
-                             "recall@5 / nDCG@10 would be over a subset")
+    if recalls and len(recalls) == n:  # a mixed set gets accuracy only: no subset averages
         out[f"recall@{RECALL_K}"] = float(np.mean(recalls))
         out[f"ndcg@{NDCG_K}"] = float(np.mean(ndcgs))
     return out

@@ -80,6 +80,11 @@ def _identity(meta_params):
     return meta_params
 
 
+def _task_mean(x):
+    # Mean over the task axis only: per-task gradients keep their parameter shape.
+    return jnp.mean(x, axis=0)
+
+
 def _sg(tree):
     return jax.lax.stop_gradient(tree)
 
@@ -139,7 +144,7 @@ def _pooled_outer(meta_params, loss_fn, supports, queries, cfg):
         metrics.update({f"outer/{k}": jnp.mean(v) for k, v in aux.items()})
         return loss, grads, metrics
 
-    return jax.tree.map(jnp.mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+    return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 
 
 def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
@@ -160,7 +165,7 @@ def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
         metrics = {"inner/loss_pre": pre, "inner/loss_post": post}
         return pre, direction, metrics
 
-    return jax.tree.map(jnp.mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+    return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 
 
 def _reptile_adapt(meta_params, loss_fn, support, cfg):
@@ -198,7 +203,7 @@ def _imaml_outer(meta_params, loss_fn, supports, queries, cfg):
         metrics.update({f"outer/{k}": jnp.mean(v) for k, v in qaux.items()})
         return loss, g, metrics
 
-    return jax.tree.map(jnp.mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+    return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 
 
 def _imaml_adapt(meta_params, loss_fn, support, cfg):

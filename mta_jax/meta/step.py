@@ -112,7 +112,7 @@ def make_meta_step(loss_fn: BaseLossFn, algo: MetaConfig, outer_opt: optax.Gradi
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
         metrics["outer/loss"] = loss
-        metrics["outer/grad_norm"] = optax.global_norm(grads)
+        metrics["outer/grad_norm"] = optax.tree.norm(grads)
         return MetaState(state.step + 1, params, opt_state), metrics
 
     if not jit:

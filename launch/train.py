@@ -1,0 +1,32 @@
+"""Meta-trains LoRA on the train tools: ``python launch/train.py --config configs/X.py --workdir DIR``.
+
+Overrides: ``--config.steps=100 --config.meta.inner_steps=3`` etc. Data: ``--data_dir`` or $MTA_DATA_DIR.
+"""
+import sys
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import _common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics.jsonl).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _common.setup_jax()
+    import jax
+    from mta_jax.train import loop
+
+    logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
+    loop.train(_CONFIG.value, _WORKDIR.value, _common.DATA_DIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,293 @@
+"""Decoder: parity with HF torch Llama/Qwen2, checkpoint import checks, LoRA algebra, full-size shapes."""
+import dataclasses
+import functools
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mta_jax.model import decoder, hf_io, lora as lora_lib
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, intermediate_size=40,
+             attn_implementation="eager")
+HF_MODELS = {
+    # Qwen2: q/k/v bias, 4 query heads sharing 2 kv heads.
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": 1000.0}, **SMALL)),
+    "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **SMALL)),
+    # Llama: one shared kv head, head_dim != hidden / heads, Llama-3.1 RoPE scaling whose three
+    # frequency regimes all occur at head_dim 16 with original_max_position 16.
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **SMALL)),
+}
+
+
+def _randomize(model, seed=0):
+    """O(1) logits: HF's 0.02 init would make a 1e-4 tolerance meaningless."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """name -> (torch model, saved folder); built lazily, once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = _randomize(HF_MODELS[name]())
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            cache[name] = (model, path)
+        return cache[name]
+    return get
+
+
+def _batch(seed, b=3, t=12, vocab=61, left=False):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (b, t)).astype(np.int32)
+    lengths = np.array([t, t - 5, t - 9])[:b]
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    if left:
+        mask = mask[:, ::-1]
+    return ids, mask.astype(np.int32)
+
+
+def _hf_logits(model, ids, mask):
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(pos, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+_fwd = jax.jit(decoder.forward, static_argnums=0)
+
+
+def _max_diff_on_tokens(ours, ref, mask):
+    m = mask.astype(bool)
+    return float(np.max(np.abs(np.asarray(ours)[m] - ref[m])))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama", "qwen2_tied"])
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_logits_match_hf(hf, name, left):
+    model, path = hf(name)
+    cfg, params = decoder.load_hf(path)
+    assert cfg.tie_embeddings == (name == "qwen2_tied") and ("lm_head" in params) != cfg.tie_embeddings
+    ids, mask = _batch(1, left=left)
+    ref = _hf_logits(model, ids, mask)
+    assert np.std(ref[mask.astype(bool)]) > 0.3  # logits are O(1), so the tolerance bites
+    assert _max_diff_on_tokens(_fwd(cfg, params, ids, mask), ref, mask) < 1e-4
+
+
+def test_left_padding_equals_unpadded(hf):
+    _, path = hf("qwen2")
+    cfg, params = decoder.load_hf(path)
+    ids, mask = _batch(2, left=True)
+    padded = np.asarray(_fwd(cfg, params, ids, mask))
+    n = int(mask[1].sum())
+    alone = np.asarray(_fwd(cfg, params, ids[1:2, -n:], np.ones((1, n), np.int32)))
+    np.testing.assert_allclose(padded[1, -n:], alone[0], atol=2e-5)
+
+
+def test_bf16_checkpoint(hf, tmp_path):
+    model, _ = hf("qwen2")
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    model.to(torch.float32)
+    ref_model = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    assert next(iter(load_file(tmp_path / "model.safetensors").values())).dtype == jnp.bfloat16
+    ids, mask = _batch(3)
+    ref = _hf_logits(ref_model, ids, mask)
+    cfg, params = decoder.load_hf(tmp_path)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    assert _max_diff_on_tokens(_fwd(cfg, params, ids, mask), ref, mask) < 1e-4
+    # bf16 compute (and bf16 storage): looser, but still tracks the fp32 reference.
+    cfg16, params16 = decoder.load_hf(tmp_path, dtype="bfloat16", param_dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params16))
+    out16 = _fwd(cfg16, params16, ids, mask)
+    assert out16.dtype == jnp.float32
+    diff = _max_diff_on_tokens(out16, ref, mask)
+    assert 0 < diff < 0.05 * np.abs(ref).max()
+
+
+def test_sharded_checkpoint(hf, tmp_path):
+    model, _ = hf("llama")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / hf_io.INDEX).is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    cfg, params = decoder.load_hf(tmp_path)
+    ids, mask = _batch(4)
+    assert _max_diff_on_tokens(_fwd(cfg, params, ids, mask), _hf_logits(model, ids, mask), mask) < 1e-4
+
+
+def _copy_with(src, dst, *, config=None, tensors=None):
+    """A copy of a saved model with an edited config.json and/or tensor dict."""
+    dst.mkdir()
+    conf = json.loads((src / "config.json").read_text())
+    conf.update(config or {})
+    (dst / "config.json").write_text(json.dumps(conf))
+    t = load_file(src / "model.safetensors")
+    save_file(tensors(t) if tensors else t, dst / "model.safetensors")
+    return dst
+
+
+def test_bad_checkpoints_raise_naming_the_problem(hf, tmp_path):
+    _, path = hf("qwen2")
+    extra = _copy_with(path, tmp_path / "extra", tensors=lambda t: {**t, "model.layers.0.extra.weight":
+                                                                     np.zeros(3, np.float32)})
+    with pytest.raises(hf_io.CheckpointError, match="model.layers.0.extra.weight"):
+        decoder.load_hf(extra)
+    ok_inv_freq = _copy_with(path, tmp_path / "inv", tensors=lambda t: {
+        **t, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4, np.float32)})
+    decoder.load_hf(ok_inv_freq)  # the buffer old checkpoints carry is ignored, not an error
+    missing = _copy_with(path, tmp_path / "missing", tensors=lambda t: {
+        k: v for k, v in t.items() if k != "model.layers.2.mlp.up_proj.weight"})
+    with pytest.raises(hf_io.CheckpointError, match="layers.2.mlp.up_proj.weight"):
+        decoder.load_hf(missing)
+    shape = _copy_with(path, tmp_path / "shape", config={"intermediate_size": 41})
+    with pytest.raises(hf_io.CheckpointError, match="gate_proj.weight.*shape"):
+        decoder.load_hf(shape)
+    for edit, msg in [({"model_type": "gpt2"}, "gpt2"), ({"hidden_act": "gelu"}, "gelu"),
+                      ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+                      ({"use_sliding_window": True}, "sliding")]:
+        with pytest.raises(ValueError, match=msg):
+            decoder.DecoderConfig.from_hf({**json.loads((path / "config.json").read_text()), **edit})
+
+
+def test_from_hf_reads_old_style_rope_theta():
+    conf = dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=8, rope_theta=123.0)
+    cfg = decoder.DecoderConfig.from_hf(conf)
+    assert cfg.rope_theta == 123.0 and cfg.num_kv_heads == 2 and cfg.head_dim == 4
+    assert cfg.rope_scaling is None
+
+
+# Published parameter counts (model cards / `num_parameters()` of the HF models).
+@pytest.mark.parametrize("make, n_params, n_lora", [
+    (decoder.DecoderConfig.qwen2_0_5b, 494_032_768, 24 * (896 * 8 + 8 * 896 + 896 * 8 + 8 * 128)),
+    (decoder.DecoderConfig.llama3_8b, 8_030_261_248, 3_407_872),  # PEFT's count for r=8 on q,v
+])
+def test_full_size_shapes_without_allocating(make, n_params, n_lora):
+    cfg = make()
+    base = jax.eval_shape(functools.partial(decoder.init_params, cfg), jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(base)) == n_params
+    lcfg = lora_lib.LoRAConfig(rank=8, targets=r"layers/attn/(q|v)/kernel")
+    lora = jax.eval_shape(lambda k: lora_lib.init_lora(k, base, lcfg), jax.random.key(1))
+    assert sum(x.size for x in jax.tree.leaves(lora)) == n_lora
+    logits = jax.eval_shape(functools.partial(decoder.forward, cfg),
+                            base, jax.ShapeDtypeStruct((2, 16), jnp.int32),
+                            jax.ShapeDtypeStruct((2, 16), jnp.int32), lora)
+    assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
+
+
+TINY = decoder.DecoderConfig(vocab_size=53, hidden_size=24, num_layers=3, num_heads=4, num_kv_heads=2,
+                             head_dim=8, intermediate_size=32, qkv_bias=True, arch="qwen2")
+ALL_KERNELS = r"layers/(attn|mlp)/.*/kernel"
+
+
+def _tiny(cfg=TINY, first_layer=0, b_std=0.0, dtype=jnp.float32):
+    params = jax.tree.map(lambda x: x.astype(dtype), decoder.init_params(cfg, jax.random.key(0)))
+    params = jax.tree.map(lambda x: x * 2.5, params)  # logits O(1): comparisons are meaningful
+    lcfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=ALL_KERNELS, first_layer=first_layer)
+    lora = lora_lib.init_lora(jax.random.key(1), params, lcfg, dtype)
+    leaves, tdef = jax.tree.flatten(lora.tree)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    lora = lora_lib.LoRAParams(jax.tree.unflatten(tdef, [
+        x + b_std * jax.random.normal(k, x.shape, dtype) for x, k in zip(leaves, keys)]), lora.scale)
+    return params, lora
+
+
+def test_lora_zero_b_is_exact_and_merge_matches():
+    params, fresh = _tiny()
+    ids, mask = _batch(5, vocab=TINY.vocab_size)
+    base = np.asarray(_fwd(TINY, params, ids, mask))
+    np.testing.assert_array_equal(np.asarray(_fwd(TINY, params, ids, mask, fresh)), base)
+    for first in (0, 2):
+        params, lora = _tiny(first_layer=first, b_std=0.1)
+        adapted = np.asarray(_fwd(TINY, params, ids, mask, lora))
+        merged = np.asarray(_fwd(TINY, lora_lib.merge(params, lora), ids, mask))
+        assert np.abs(adapted - base).max() > 1e-2  # the adapter really changes the model
+        np.testing.assert_allclose(adapted, merged, atol=1e-5)
+
+
+def _loss(cfg, params, lora, ids, mask, target):
+    return -decoder.sequence_logprob(cfg, params, ids, mask, target, lora).sum()
+
+
+def test_lora_grads_match_finite_differences_in_float64():
+    with jax.enable_x64(True):
+        cfg = dataclasses.replace(TINY, dtype="float64", param_dtype="float64")
+        params, lora = _tiny(cfg, first_layer=1, b_std=0.3, dtype=jnp.float64)
+        ids, mask = _batch(6, vocab=cfg.vocab_size)
+        target = np.zeros_like(mask)
+        target[:, 2:4] = 1
+        f = functools.partial(_loss, cfg, params, ids=ids, mask=mask, target=target)
+        grads = jax.grad(f)(lora)
+        assert jax.tree.structure(grads) == jax.tree.structure(lora)  # gradients exist only for LoRA
+        assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+        direction = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(size=x.shape)), lora)
+        eps = 1e-5
+        shift = lambda s: jax.tree.map(lambda x, d: x + s * d, lora, direction)
+        fd = (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-7)
+
+
+def test_remat_changes_nothing():
+    params, lora = _tiny(first_layer=1, b_std=0.3)
+    ids, mask = _batch(7, vocab=TINY.vocab_size)
+    target = np.zeros_like(mask)
+    target[:, 1:3] = 1
+    remat = dataclasses.replace(TINY, remat=True)
+    g0 = jax.grad(functools.partial(_loss, TINY, params, ids=ids, mask=mask, target=target))(lora)
+    g1 = jax.grad(functools.partial(_loss, remat, params, ids=ids, mask=mask, target=target))(lora)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_sequence_logprob_is_log_softmax_gather():
+    params, lora = _tiny(first_layer=1, b_std=0.3)
+    ids, mask = _batch(8, vocab=TINY.vocab_size)
+    target = np.zeros_like(mask)
+    target[0, 5:9], target[1, 3:6], target[2, 1:3] = 1, 1, 1
+    got = np.asarray(decoder.sequence_logprob(TINY, params, ids, mask, target, lora))
+    logits = np.asarray(_fwd(TINY, params, ids, mask, lora), np.float64)
+    want = []
+    for b in range(ids.shape[0]):
+        s = 0.0
+        for t in np.flatnonzero(target[b]):
+            row = logits[b, t - 1]
+            s += row[ids[b, t]] - (row.max() + np.log(np.exp(row - row.max()).sum()))
+        want.append(s)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    bad = target.copy()
+    bad[0, 0] = 1
+    with pytest.raises(ValueError, match="token 0"):
+        decoder.sequence_logprob(TINY, params, ids, mask, bad, lora)
+
+
+def test_lora_from_another_model_is_rejected():
+    params, _ = _tiny()
+    other = dataclasses.replace(TINY, hidden_size=16)
+    _, lora = _tiny(other)
+    ids, mask = _batch(9, vocab=TINY.vocab_size)
+    with pytest.raises(ValueError, match="LoRA leaf"):
+        decoder.forward(TINY, params, ids, mask, lora)
+    stray = lora_lib.LoRAParams({"embed": {"a": jnp.zeros((2, 2)), "b": jnp.zeros((2, 2))}}, 1.0)
+    with pytest.raises(ValueError, match="top-level keys"):
+        decoder.forward(TINY, params, ids, mask, stray)
