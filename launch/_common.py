@@ -17,3 +17,11 @@ def setup_jax() -> None:
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def quiet_logs() -> None:
+    """Orbax and XLA's backend probing log every detail at INFO; keep our own INFO lines readable."""
+    import logging as std_logging
+
+    for name in ("orbax", "absl", "jax._src.xla_bridge"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)

@@ -21,6 +21,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _common.setup_jax()
+    _common.quiet_logs()
     import jax
     from mta_jax.train import loop
 

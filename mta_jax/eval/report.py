@@ -152,3 +152,13 @@ def bar_chart(results: dict, path: str | pathlib.Path, methods: Sequence[str] | 
     finally:
         plt.close(fig)
     return path
+
+
+def write_report(results: dict, workdir: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """Writes ``results.json``, ``results.md`` (the table) and ``accuracy.png`` into ``workdir``."""
+    workdir = pathlib.Path(workdir)
+    out = {"json": write_results(workdir / "results.json", results)}
+    out["markdown"] = workdir / "results.md"
+    out["markdown"].write_text(markdown_table(results), encoding="utf-8")
+    out["png"] = bar_chart(results, workdir / "accuracy.png")
+    return out

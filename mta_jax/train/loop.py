@@ -222,3 +222,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         stopper.restore()
         ckpt.close()
     return state
+
+
+def restore_trained(workdir: str | pathlib.Path, base: dict, base_name: str):
+    """Loads a finished (or interrupted) run for evaluation.
+
+    Rebuilds the run's config from ``<workdir>/config.json`` and restores its latest checkpoint
+    into a freshly initialised state of the same structure.
+
+    Returns:
+      ``(settings, meta_params, lora)`` where ``lora`` is what the method starts from at test time
+      (``meta.initial_params``: e.g. Meta-SGD's ``init`` part).
+
+    Raises:
+      FileNotFoundError: the workdir has no config.json or no checkpoint.
+    """
+    workdir = pathlib.Path(workdir)
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a training workdir (run launch/train.py first)")
+    config = ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    s = state_lib.settings_from_config(config)
+    lora = lora_lib.init_lora(jax.random.key(0), base, s.lora)
+    fresh = state_lib.TrainState(meta.init_state(lora, s.meta, make_outer_optimizer(s)), jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", s.keep_checkpoints,
+                                   {"base_name": base_name, "base_fingerprint": checkpoint.base_fingerprint(base)})
+    try:
+        state, _ = ckpt.restore(fresh)
+    finally:
+        ckpt.close()
+    return s, state.meta.params, meta.initial_params(state.meta.params, s.meta)

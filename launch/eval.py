@@ -1,0 +1,52 @@
+"""Evaluates tool selection on unseen tools and writes ``DIR/eval/results.json``, a table and a chart.
+
+  python launch/eval.py --config configs/minilm_mta.py --workdir DIR \
+      [--methods=random,bm25,zero_shot,mta,ft] [--eval_dirs=D1,D2] [--ft_workdir=FT_DIR]
+
+``random``, ``bm25`` and ``zero_shot`` need no checkpoint; ``mta`` and ``mta_adapt`` use the
+workdir's checkpoint; ``ft`` uses ``--ft_workdir`` when given, else the workdir's checkpoint.
+Built-in sets come from ``config.eval.sets`` (override with ``--sets``); ``--eval_dirs`` adds every
+split file of each normalized-format folder as ``<basename>/<split stem>``.
+"""
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from launch import _common  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; results go to DIR/eval/.")
+_METHODS = flags.DEFINE_list("methods", None, "Methods to run (default: config.eval.methods).")
+_SETS = flags.DEFINE_list("sets", None, "Built-in eval sets (default: config.eval.sets).")
+_EVAL_DIRS = flags.DEFINE_list("eval_dirs", [], "Extra normalized-format data folders to evaluate.")
+_FT_WORKDIR = flags.DEFINE_string("ft_workdir", None, "Workdir of the FT baseline (default: --workdir).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _common.setup_jax()
+    _common.quiet_logs()
+    from mta_jax.train import evaluate as evaluation
+
+    config = _CONFIG.value
+    results = evaluation.run(
+        config=config, workdir=pathlib.Path(_WORKDIR.value),
+        methods=tuple(_METHODS.value or config.eval.methods),
+        sets=tuple(_SETS.value if _SETS.value is not None else config.eval.sets) + tuple(_EVAL_DIRS.value),
+        data_dir=_common.DATA_DIR.value,
+        ft_workdir=pathlib.Path(_FT_WORKDIR.value) if _FT_WORKDIR.value else None,
+        log=logging.info)
+    out = pathlib.Path(_WORKDIR.value) / "eval"
+    print((out / "results.md").read_text(encoding="utf-8"))
+    logging.info("wrote %s", json.dumps(sorted(p.name for p in out.iterdir())))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,161 @@
+"""The jitted meta-step: metrics, aux, no retracing, remat memory, sharding, config errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mta_jax import meta
+from mta_jax.model.lora import LoRAConfig, LoRAParams, init_lora, lora_dense
+
+D, H, C = 16, 32, 4
+
+
+def _model(key, d=D, h=H, c=C, layers=2):
+    """A stacked-layer tanh MLP base and its LoRA tree (the shared conventions of model/lora.py)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    base = {"layers": {"w": {"kernel": jax.random.normal(k1, (layers, d, d)) / np.sqrt(d)}},
+            "head": {"kernel": jax.random.normal(k2, (d, c)) / np.sqrt(d)}}
+    lora = init_lora(k3, base, LoRAConfig(rank=4, targets="layers/w/kernel|head/kernel"))
+    # Non-zero b so every factor has a gradient from the first step.
+    lora = LoRAParams(jax.tree.map(lambda x: x + 0.1, lora.tree), lora.scale)
+    return base, lora
+
+
+def base_loss(lora, base, batch, counter=None):
+    if counter is not None:
+        counter.append(1)  # runs only while tracing
+    h = batch["x"]
+
+    def layer(h, xs):
+        p, lo = xs
+        return jnp.tanh(lora_dense(h, p, lo, lora.scale)), None
+
+    h, _ = jax.lax.scan(layer, h, (base["layers"]["w"], lora.tree["layers"]["w"]))
+    logits = lora_dense(h, base["head"], lora.tree["head"], lora.scale)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+    return nll, {"acc": acc}
+
+
+def _tasks(key, t, n, d=D):
+    kx, ky = jax.random.split(key)
+    return {"x": jax.random.normal(kx, (t, n, d)), "y": jax.random.randint(ky, (t, n), 0, C)}
+
+
+@pytest.mark.parametrize("name", sorted(meta.ALGORITHMS))
+def test_meta_step_metrics_and_no_retracing(name):
+    base, lora = _model(jax.random.PRNGKey(0))
+    inner = meta.InnerConfig(steps=2, lr=0.5, adapt_pattern="head/.*" if name == "anil" else None)
+    algo = meta.MetaConfig(name=name, inner=inner)
+    opt = optax.adam(1e-2)
+    traces = []
+    step = meta.make_meta_step(lambda p, b, x: base_loss(p, b, x, traces), algo, opt, has_aux=True)
+    state = meta.init_state(lora, algo, opt)
+    losses = []
+    for i in range(4):
+        k = jax.random.PRNGKey(i + 1)
+        state, metrics = step(state, base, _tasks(k, 4, 8), _tasks(jax.random.fold_in(k, 1), 4, 8))
+        if i == 0:
+            first = len(traces)
+        losses.append(metrics["outer/loss"])
+    assert first > 0 and len(traces) == first, (first, len(traces))
+    assert int(state.step) == 4
+    want = {"outer/loss", "outer/grad_norm", "inner/loss_pre", "inner/loss_post"}
+    if name != "reptile":
+        want.add("outer/acc")
+    assert want <= set(metrics), sorted(metrics)
+    for k, v in metrics.items():
+        assert v.shape == () and np.isfinite(float(v)), (k, v)
+    if name not in ("pooled",):
+        # Adapting on the support set lowers the support loss.
+        assert float(metrics["inner/loss_post"]) < float(metrics["inner/loss_pre"])
+    # The lora argument was copied into the state, so donation did not delete it.
+    assert np.isfinite(np.asarray(lora.tree["head"]["a"])).all()
+
+
+def test_task_loss_aux_and_adapt_return_aux():
+    base, lora = _model(jax.random.PRNGKey(0))
+    s, q = jax.tree.map(lambda x: x[0], _tasks(jax.random.PRNGKey(1), 1, 8)), \
+        jax.tree.map(lambda x: x[0], _tasks(jax.random.PRNGKey(2), 1, 8))
+    fn = lambda p, b: base_loss(p, base, b)
+    cfg = meta.InnerConfig(steps=3, lr=0.5)
+    loss, metrics = meta.task_loss(lora, fn, s, q, cfg, has_aux=True)
+    adapted, aux = meta.adapt(lora, fn, s, cfg, has_aux=True, return_aux=True)
+    assert aux.losses.shape == (3,) and aux.aux["acc"].shape == (3,)
+    np.testing.assert_allclose(aux.losses[0], fn(lora, s)[0], rtol=1e-6)
+    np.testing.assert_allclose(metrics["inner/loss_post"], fn(adapted, s)[0], rtol=1e-6)
+    np.testing.assert_allclose(loss, fn(adapted, q)[0], rtol=1e-6)
+    np.testing.assert_allclose(metrics["outer/acc"], fn(adapted, q)[1]["acc"])
+
+
+def _temp_bytes(steps, remat):
+    base, lora = _model(jax.random.PRNGKey(0), d=64, h=64, layers=4)
+    cfg = meta.InnerConfig(steps=steps, lr=0.1, remat=remat)
+    s, q = _tasks(jax.random.PRNGKey(1), 2, 512, d=64), _tasks(jax.random.PRNGKey(2), 2, 512, d=64)
+    f = lambda p, base, s, q: meta.meta_loss(p, lambda p, b: base_loss(p, base, b)[0], s, q, cfg)
+    compiled = jax.jit(jax.grad(f)).lower(lora, base, s, q).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_memory_does_not_grow_with_inner_steps():
+    on1, on10 = _temp_bytes(1, True), _temp_bytes(10, True)
+    off1, off10 = _temp_bytes(1, False), _temp_bytes(10, False)
+    assert on10 < 2 * on1, (on1, on10)
+    # Without remat the stored activations grow with the number of steps.
+    assert off10 > 4 * off1, (off1, off10)
+
+
+def test_sharded_tasks_match_unsharded():
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = Mesh(devices, ("data",))
+    base, lora = _model(jax.random.PRNGKey(0))
+    algo = meta.MetaConfig(name="maml", inner=meta.InnerConfig(steps=2, lr=0.5))
+    opt = optax.sgd(0.1)
+    s, q = _tasks(jax.random.PRNGKey(1), 4, 8), _tasks(jax.random.PRNGKey(2), 4, 8)
+    rep, tasks = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    sharded = meta.make_meta_step(base_loss, algo, opt, has_aux=True,
+                                  in_shardings=(rep, rep, tasks, tasks), out_shardings=(rep, rep))
+    plain = meta.make_meta_step(base_loss, algo, opt, has_aux=True, jit=False)
+    s1, m1 = sharded(meta.init_state(lora, algo, opt), base, s, q)
+    s2, m2 = jax.jit(plain)(meta.init_state(lora, algo, opt), base, s, q)
+    np.testing.assert_allclose(m1["outer/loss"], m2["outer/loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1.params, s2.params)
+
+
+def test_adapt_for_eval_and_initial_params():
+    base, lora = _model(jax.random.PRNGKey(0))
+    s = jax.tree.map(lambda x: x[0], _tasks(jax.random.PRNGKey(1), 1, 8))
+    algo = meta.MetaConfig(name="meta_sgd", inner=meta.InnerConfig(steps=2, lr=0.5))
+    state = meta.init_state(lora, algo, optax.sgd(0.1))
+    init = meta.initial_params(state.params, algo)
+    assert jax.tree.structure(init) == jax.tree.structure(lora)
+    ev = jax.jit(lambda mp, b, x: meta.adapt_for_eval(mp, b, x, algo, base_loss, has_aux=True))
+    got = ev(state.params, base, s)
+    want = meta.adapt(lora, lambda p, b: base_loss(p, base, b)[0], s, algo.inner)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="steps"):
+        meta.InnerConfig(steps=-1)
+    with pytest.raises(ValueError, match="optimizer 'adamw_typo'"):
+        meta.InnerConfig(optimizer="adamw_typo")
+    with pytest.raises(ValueError, match="adapt_pattern"):
+        meta.InnerConfig(adapt_pattern="(")
+    with pytest.raises(ValueError, match="name 'mamll'"):
+        meta.MetaConfig(name="mamll")
+    with pytest.raises(ValueError, match="anil"):
+        meta.MetaConfig(name="anil")
+    with pytest.raises(ValueError, match="meta_sgd"):
+        meta.MetaConfig(name="meta_sgd", inner=meta.InnerConfig(optimizer="adam"))
+    with pytest.raises(ValueError, match="task axis sizes disagree"):
+        meta.meta_loss(jnp.zeros(2), lambda p, b: jnp.sum(p * b), jnp.ones((3, 2)), jnp.ones((2, 2)),
+                       meta.InnerConfig())
+    with pytest.raises(TypeError, match="has_aux=True"):
+        meta.task_loss(jnp.zeros(2), lambda p, b: jnp.sum(p * b), jnp.ones(2), jnp.ones(2),
+                       meta.InnerConfig(), has_aux=True)
