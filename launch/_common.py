@@ -20,8 +20,14 @@ def setup_jax() -> None:
 
 
 def quiet_logs() -> None:
-    """Orbax and XLA's backend probing log every detail at INFO; keep our own INFO lines readable."""
+    """Orbax logs every checkpoint detail at INFO through absl; keep our own INFO lines readable."""
     import logging as std_logging
 
-    for name in ("orbax", "absl", "jax._src.xla_bridge"):
-        std_logging.getLogger(name).setLevel(std_logging.WARNING)
+    from absl import logging as absl_logging
+
+    class _DropLibraryInfo(std_logging.Filter):
+        def filter(self, record):
+            noisy = "/orbax/" in record.pathname or "xla_bridge" in record.pathname
+            return record.levelno >= std_logging.WARNING or not noisy
+
+    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())

@@ -2,7 +2,8 @@
 
     python launch/bench_episodes.py --data_dir=/work/shared/data --steps=300
 
-Expected (2 shared CPU cores): ~2k episodes/s, i.e. well under 1 ms per episode.
+Measured on 2 shared CPU cores: ~2.3k episodes/s idle, 0.6-1k under load (N=8..16), i.e. about 1 ms per
+episode: negligible next to a meta step.
 """
 import time
 

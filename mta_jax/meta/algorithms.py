@@ -178,6 +178,35 @@ def _imaml_inner(cfg: MetaConfig) -> InnerConfig:
     return dataclasses.replace(cfg.inner, prox=cfg.imaml_lambda, first_order=True, remat=False)
 
 
+def _vdot(x, y):
+    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+def conjugate_gradient(matvec: Callable, b: PyTree, steps: int) -> PyTree:
+    """``steps`` iterations of conjugate gradient for ``matvec(x) = b`` from ``x = 0``, over pytrees.
+
+    A fixed iteration count (no tolerance test) keeps the cost static and the loop batchable
+    under ``vmap`` (``jax.scipy.sparse.linalg.cg`` fails under vmap on tree-structured arguments
+    here). Zero residuals are guarded so an exact early solve does not divide by zero.
+    """
+    axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)
+
+    def body(_, carry):
+        x, r, p, rs = carry
+        ap = matvec(p)
+        pap = _vdot(p, ap)
+        alpha = jnp.where(pap > 0, rs / jnp.where(pap > 0, pap, 1.0), 0.0)
+        x = axpy(alpha, p, x)
+        r = axpy(-alpha, ap, r)
+        rs_new = _vdot(r, r)
+        beta = jnp.where(rs > 0, rs_new / jnp.where(rs > 0, rs, 1.0), 0.0)
+        return x, r, axpy(beta, p, r), rs_new
+
+    x0 = jax.tree.map(jnp.zeros_like, b)
+    x, *_ = jax.lax.fori_loop(0, steps, body, (x0, b, b, _vdot(b, b)))
+    return x
+
+
 def _imaml_outer(meta_params, loss_fn, supports, queries, cfg):
     """Per task: ``phi* ~ argmin L_s(phi) + lambda/2 ||phi - theta||^2`` by the inner loop, then
     ``g = (I + H_s(phi*) / lambda)^{-1} grad L_q(phi*)`` by conjugate gradient (eq. 7), where the
@@ -196,7 +225,7 @@ def _imaml_outer(meta_params, loss_fn, supports, queries, cfg):
             hv = jax.jvp(grad_s, (phi,), (v,))[1]
             return jax.tree.map(lambda a, b: a + b / lam, v, hv)
 
-        g, _ = jax.scipy.sparse.linalg.cg(matvec, gq, maxiter=cfg.imaml_cg_steps, tol=0.0)
+        g = conjugate_gradient(matvec, gq, cfg.imaml_cg_steps)
         post = loss_fn(phi, s)[0]
         pre = aux.losses[0] if inner.steps > 0 else post
         metrics = {"inner/loss_pre": pre, "inner/loss_post": post}

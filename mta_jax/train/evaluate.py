@@ -5,6 +5,7 @@ itself never imports ``train/``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -14,6 +15,7 @@ import jax
 import ml_collections
 
 from mta_jax.data import records
+from mta_jax.data.render import tool_text
 from mta_jax.eval import encoders
 from mta_jax.eval import methods as methods_lib
 from mta_jax.eval import metrics as metrics_lib
@@ -64,7 +66,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         if m == "zero_shot":
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(None))
         elif m in ("mta", "ft"):
-            scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(trained[m][2]))
+            settings, _, lora = trained[m]
+            render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
+            scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
         elif m == "mta_adapt":
             from mta_jax.eval import adapt as adapt_lib  # only this method needs the meta-learner
             s, meta_params, _ = trained[m]

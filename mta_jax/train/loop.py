@@ -213,9 +213,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 t_log, pending = now, []
                 writer.write(done, mean)
                 progress.update(done, f"loss {mean.get('outer/loss', float('nan')):.4f}")
-            if done % s.checkpoint_every == 0 or done == s.steps or stopper.requested:
+            stop = stopper.requested
+            if done % s.checkpoint_every == 0 or done == s.steps or stop:
                 ckpt.save(done, state, force=True)
-            if stopper.requested:
+            if stop:
                 break
     finally:
         progress.close()

@@ -26,14 +26,18 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """Builds a ``(data, fsdp)`` mesh with Auto axis types (sharding propagated by XLA)."""
-    devices = jax.devices() if devices is None else devices
+    """Builds a ``(data, fsdp)`` mesh with Auto axis types (sharding propagated by XLA).
+
+    ``data=-1`` uses every device; an explicit ``data * fsdp`` smaller than the device count uses
+    the first devices (e.g. ``data=1`` for a single-device reference run).
+    """
+    devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     fsdp = cfg.fsdp
     data = n // fsdp if cfg.data == -1 else cfg.data
-    if data * fsdp != n:
-        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not match {n} devices")
-    arr = np.asarray(devices).reshape(data, fsdp)
+    if data < 1 or fsdp < 1 or data * fsdp > n or (cfg.data == -1 and data * fsdp != n):
+        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} does not fit {n} devices")
+    arr = np.asarray(devices[:data * fsdp]).reshape(data, fsdp)
     return Mesh(arr, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
 
 

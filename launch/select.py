@@ -1,0 +1,58 @@
+"""Ranks the tools of a tools.jsonl for queries with a trained workdir (or the pretrained encoder).
+
+  python launch/select.py --tools path/to/tools.jsonl --query "book me a table for two" \
+      [--workdir runs/minilm_mta] [--top_k 5] [--json]
+
+Without --workdir the pretrained backbone ranks zero-shot.
+"""
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+
+from launch import _common  # noqa: E402
+
+_TOOLS = flags.DEFINE_string("tools", None, "A tools.jsonl (normalized format) or a folder holding one.")
+_QUERY = flags.DEFINE_multi_string("query", None, "A user request (repeat for several).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to use (default: zero-shot backbone).")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "How many tools to print per query.")
+_JSON = flags.DEFINE_boolean("json", False, "Print one JSON object per query instead of a table.")
+flags.mark_flags_as_required(["tools", "query"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _common.setup_jax()
+    _common.quiet_logs()
+    from mta_jax.data import records
+    from mta_jax.eval import encoders
+    from mta_jax.eval import select
+    from mta_jax.train import loop
+
+    path = pathlib.Path(_TOOLS.value)
+    catalogue = records.load_catalogue(path / records.TOOLS_FILE if path.is_dir() else path)
+    model_path, lora, first, style = "", None, None, "name_desc"
+    if _WORKDIR.value:
+        cfg_json = json.loads((pathlib.Path(_WORKDIR.value) / "config.json").read_text(encoding="utf-8"))
+        model_path, style = cfg_json["model"]["path"], cfg_json["data"]["doc_style"]
+    name, cfg, base, tok = loop.load_backbone(model_path, "float32", False)
+    if _WORKDIR.value:
+        s, _, lora = loop.restore_trained(_WORKDIR.value, base, name)
+        first = s.lora.first_layer
+    bank = encoders.SharedBottomEncoder(cfg, base, tok, first_layer=cfg.num_layers - 1 if first is None else first)
+    ranked = select.rank_tools(bank.embed_fn(lora), catalogue, _QUERY.value, doc_style=style, top_k=_TOP_K.value)
+    for query, rows in zip(_QUERY.value, ranked):
+        if _JSON.value:
+            print(json.dumps({"query": query, "ranking": [{"tool_id": t, "score": round(sc, 4)} for t, sc in rows]}))
+            continue
+        print(f"query: {query}")
+        for rank, (tool_id, score) in enumerate(rows, 1):
+            print(f"  {rank:2d}. {score:.3f}  {tool_id}  {catalogue[tool_id].description[:70]}")
+
+
+if __name__ == "__main__":
+    app.run(main)

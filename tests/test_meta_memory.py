@@ -1,0 +1,47 @@
+"""Meta-step resources: temp memory flat in inner steps with remat, and tasks sharded on a mesh."""
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mta_jax import meta
+from test_meta_step import _model, _tasks, base_loss
+
+
+def _temp_bytes(steps, remat):
+    base, lora = _model(jax.random.PRNGKey(0), d=64, h=64, layers=4)
+    cfg = meta.InnerConfig(steps=steps, lr=0.1, remat=remat)
+    s, q = _tasks(jax.random.PRNGKey(1), 2, 512, d=64), _tasks(jax.random.PRNGKey(2), 2, 512, d=64)
+    f = lambda p, base, s, q: meta.meta_loss(p, lambda p, b: base_loss(p, base, b)[0], s, q, cfg)
+    compiled = jax.jit(jax.grad(f)).lower(lora, base, s, q).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_memory_does_not_grow_with_inner_steps():
+    on1, on10 = _temp_bytes(1, True), _temp_bytes(10, True)
+    off1, off10 = _temp_bytes(1, False), _temp_bytes(10, False)
+    assert on10 < 2 * on1, (on1, on10)
+    # Without remat the stored activations grow with the number of steps.
+    assert off10 > 4 * off1, (off1, off10)
+
+
+def test_sharded_tasks_match_unsharded():
+    devices = np.array(jax.devices()[:4])
+    if devices.size < 4:
+        pytest.skip("needs 4 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = Mesh(devices, ("data",))
+    base, lora = _model(jax.random.PRNGKey(0))
+    algo = meta.MetaConfig(name="maml", inner=meta.InnerConfig(steps=2, lr=0.5))
+    opt = optax.sgd(0.1)
+    s, q = _tasks(jax.random.PRNGKey(1), 4, 8), _tasks(jax.random.PRNGKey(2), 4, 8)
+    rep, tasks = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    sharded = meta.make_meta_step(base_loss, algo, opt, has_aux=True,
+                                  in_shardings=(rep, rep, tasks, tasks), out_shardings=(rep, rep))
+    plain = meta.make_meta_step(base_loss, algo, opt, has_aux=True, jit=False)
+    s1, m1 = sharded(meta.init_state(lora, algo, opt), base, s, q)
+    s2, m2 = jax.jit(plain)(meta.init_state(lora, algo, opt), base, s, q)
+    np.testing.assert_allclose(m1["outer/loss"], m2["outer/loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1.params, s2.params)
+
+

@@ -1,0 +1,121 @@
+"""The training loop on the tiny config: resume equality, sharded == single device, no retracing."""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from mta_jax.train import loop
+from mta_jax.train import metrics as metrics_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def losses(workdir):
+    return {r["step"]: r["outer/loss"] for r in metrics_lib.read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp("full")
+    state = loop.train(tiny_config(), wd, str(data_dir))
+    return wd, state
+
+
+def test_metrics_rows_and_checkpoints(uninterrupted):
+    wd, state = uninterrupted
+    rows = metrics_lib.read_metrics(wd)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"outer/loss", "inner/loss_pre", "inner/loss_post", "outer/acc", "step_time_sec"} <= set(r)
+        assert np.isfinite(r["outer/loss"])
+    assert int(jax.device_get(state.step)) == 4
+    saved = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [2, 4]
+    # The frozen base is never saved: the checkpoint is the size of the LoRA + optimiser state.
+    size = sum(f.stat().st_size for f in (wd / "checkpoints" / "4").rglob("*") if f.is_file())
+    assert size < 2_000_000
+
+
+def test_sigterm_checkpoints_and_resume_gives_the_same_next_steps(uninterrupted, tmp_path, data_dir,
+                                                                   monkeypatch):
+    wd_full, _ = uninterrupted
+    wd = tmp_path / "resumed"
+    write = metrics_lib.MetricWriter.write
+
+    def write_then_preempt(self, step, metrics):
+        row = write(self, step, metrics)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a pre-emption notice mid-run
+        return row
+
+    with monkeypatch.context() as m:
+        m.setattr(metrics_lib.MetricWriter, "write", write_then_preempt)
+        state = loop.train(tiny_config(checkpoint_every=100), wd, str(data_dir))
+    assert int(jax.device_get(state.step)) == 2          # stopped early ...
+    assert (wd / "checkpoints" / "2").is_dir()           # ... with a checkpoint although 2 % 100 != 0
+    loop.train(tiny_config(checkpoint_every=100), wd, str(data_dir))   # resumes at 2, runs 3..4
+    full, resumed = losses(wd_full), losses(wd)
+    assert resumed[2] == pytest.approx(full[2], rel=1e-6)
+    assert resumed[4] == pytest.approx(full[4], rel=1e-6)
+
+
+def test_sharded_equals_single_device(tmp_path, data_dir):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    one = loop.train(tiny_config(**{"steps": 2, "tasks_per_step": 8, "mesh.data": 1}), tmp_path / "one",
+                     str(data_dir))
+    eight = loop.train(tiny_config(**{"steps": 2, "tasks_per_step": 8, "mesh.data": 8}), tmp_path / "eight",
+                       str(data_dir))
+    assert losses(tmp_path / "one")[2] == pytest.approx(losses(tmp_path / "eight")[2], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(one.meta.params), jax.tree.leaves(eight.meta.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_step_is_traced_once(tmp_path, data_dir, monkeypatch):
+    traces = []
+    original = loop.make_step_fn
+
+    def counting(*args, **kwargs):
+        step = original(*args, **kwargs)
+
+        def wrapped(*a):
+            traces.append(1)  # runs only while jax traces the step
+            return step(*a)
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_step_fn", counting)
+    loop.train(tiny_config(steps=4), tmp_path / "trace", str(data_dir))
+    assert len(traces) == 1
+
+
+def test_unknown_config_field_is_an_error(tmp_path, data_dir):
+    c = tiny_config()
+    c.unlock()
+    c.episode.shots = 3  # not an EpisodeConfig field
+    with pytest.raises(ValueError, match="shots"):
+        loop.train(c, tmp_path / "bad", str(data_dir))
+
+
+def test_config_json_is_written(uninterrupted):
+    wd, _ = uninterrupted
+    cfg = json.loads((wd / "config.json").read_text())
+    assert cfg["model"]["path"] == "random-tiny" and cfg["steps"] == 4
