@@ -1,6 +1,6 @@
 """Encode throughput of the jitted JAX MiniLM encoder vs transformers' torch BertModel (fp32 both).
 
-    python launch/bench_encode.py --batch=64 --length=64 --rounds=7
+    python -m launch.bench_encode --batch=64 --length=64 --rounds=7
 
 Both sides run the same token ids (real-looking lengths: 40-100% of ``--length`` real tokens, the
 rest padding) and the same mean-pool + L2-normalise recipe. Rounds are interleaved (JAX, torch,
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from mta_jax.model import encoder as enc  # noqa: E402
 
-FLAGS = flags.DEFINE_integer("batch", 64, "texts per call")
+flags.DEFINE_integer("batch", 64, "texts per call")
 flags.DEFINE_integer("length", 64, "tokens per text (padded)")
 flags.DEFINE_integer("rounds", 7, "interleaved timing rounds")
 flags.DEFINE_integer("iters", 5, "calls per round and side")

@@ -9,7 +9,8 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Replace launch/ (whose select.py would shadow the stdlib module) by the repo root.
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from absl import app, flags  # noqa: E402
 

@@ -5,7 +5,8 @@ Overrides: ``--config.steps=100 --config.meta.inner_steps=3`` etc. Data: ``--dat
 import sys
 import pathlib
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Replace launch/ (whose select.py would shadow the stdlib module) by the repo root.
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

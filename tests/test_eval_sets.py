@@ -27,15 +27,17 @@ def test_api_bank_drops_get_user_token(data_dir):
 @pytest.mark.parametrize("dataset", ["metatool", "toollens"])
 def test_protocol_sets_match_stats(data_dir, dataset):
     stats = json.loads((data_dir / "protocol" / dataset / "stats.json").read_text())
-    for split in ("test", "val"):
-        group = sets.BUILTIN_SETS[f"{dataset}/{split}_sd"](data_dir)
-        assert [s.seed for s in group] == [0, 1, 2, 3, 4]
-        for s in group:
-            assert len(s.items) == stats["items_per_split"][split]
-            assert all(len(it.candidates) == 5 and it.gold[0] in it.candidates for it in s.items[:50])
-        # same queries in every seed, different distractors
-        assert [it.id for it in group[0].items] == [it.id for it in group[4].items]
-        assert any(a.candidates != b.candidates for a, b in zip(group[0].items, group[1].items))
+    group = sets.BUILTIN_SETS[f"{dataset}/test_sd"](data_dir)
+    assert [s.seed for s in group] == [0, 1, 2, 3, 4]
+    for s in group:
+        assert s.name == f"{dataset}/test_sd" and len(s.items) == stats["items_per_split"]["test"]
+        assert all(len(it.candidates) == 5 and it.gold[0] in it.candidates for it in s.items)
+    # same queries in every seed, different distractors
+    assert [it.id for it in group[0].items] == [it.id for it in group[4].items]
+    assert any(a.candidates != b.candidates for a, b in zip(group[0].items, group[1].items))
+    (val,) = sets.protocol_group(data_dir, dataset, "val", "cd", seeds=(3,))
+    assert val.seed == 3 and len(val.items) == stats["items_per_split"]["val"]
+    assert set(sets.BUILTIN_SETS) >= {f"{dataset}/{sp}_{rg}" for sp in ("val", "test") for rg in ("sd", "cd")}
 
 
 def _write(path, rows):

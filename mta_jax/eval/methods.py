@@ -25,7 +25,7 @@ from mta_jax.eval.sets import EvalItem, EvalSet
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
 # Sequence-length buckets for the encoder: a text is padded to the smallest bucket that holds it,
 # so short tool docs do not pay for 256-token attention. max_len is always the last bucket.
-DEFAULT_BUCKETS = (32, 64, 128, 256)
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256)
 
 
 def _targets(eval_set: EvalSet, item: EvalItem) -> tuple[str, ...]:

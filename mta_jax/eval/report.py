@@ -138,13 +138,16 @@ def bar_chart(results: dict, path: str | pathlib.Path, methods: Sequence[str] | 
     try:
         for j, m in enumerate(methods):
             acc = [100 * results[s][m]["accuracy"] if m in results[s] else np.nan for s in sets]
-            err = [100 * (results[s][m]["std"] or 0.0) if m in results[s] else 0.0 for s in sets]
+            # NaN draws no error bar: single-set rows have no spread to show, not a spread of 0.
+            err = [100 * results[s][m]["std"] if m in results[s] and results[s][m]["std"] is not None
+                   else np.nan for s in sets]
             ax.bar(x + (j - (len(methods) - 1) / 2) * width, acc, width, yerr=err, capsize=2, label=m)
         ax.set_xticks(x, sets, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 115)  # headroom above 100 % for the legend
+        ax.set_yticks(np.arange(0, 101, 20))
         ax.set_title(title)
-        ax.legend(fontsize=8, ncols=min(len(methods), 4))
+        ax.legend(fontsize=8, ncols=min(len(methods), 4), loc="upper center")
         fig.tight_layout()
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ class MetaConfig:
       imaml_lambda: iMAML's proximal strength ``lambda`` (Rajeswaran et al., 2019, eq. 3).
       imaml_cg_steps: conjugate-gradient iterations solving ``(I + H / lambda) g = grad L_q``.
       task_chunk: ``None`` vmaps all tasks at once; ``k`` runs ``k`` tasks at a time (less memory).
+      post_loss: MAML-family metrics include ``inner/loss_post`` (one extra support forward per
+        task; turn off when timing against loops that do not log it).
     """
 
     name: str = "maml"
@@ -36,6 +38,7 @@ class MetaConfig:
     imaml_lambda: float = 1.0
     imaml_cg_steps: int = 5
     task_chunk: int | None = None
+    post_loss: bool = True
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
@@ -97,7 +100,8 @@ def _maml_inner(cfg: MetaConfig) -> InnerConfig:
 
 def _maml_outer(meta_params, loss_fn, supports, queries, cfg):
     inner = _maml_inner(cfg)
-    f = lambda p: meta_loss(p, loss_fn, supports, queries, inner, has_aux=True, task_chunk=cfg.task_chunk)
+    f = lambda p: meta_loss(p, loss_fn, supports, queries, inner, has_aux=True, task_chunk=cfg.task_chunk,
+                           post_loss=cfg.post_loss)
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
     return loss, grads, metrics
 
@@ -115,7 +119,7 @@ def _msgd_init(params, cfg):
 
 def _msgd_outer(meta_params, loss_fn, supports, queries, cfg):
     f = lambda mp: meta_loss(mp["init"], loss_fn, supports, queries, cfg.inner, has_aux=True,
-                             lrs=mp["lr"], task_chunk=cfg.task_chunk)
+                             lrs=mp["lr"], task_chunk=cfg.task_chunk, post_loss=cfg.post_loss)
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
     return loss, grads, metrics
 

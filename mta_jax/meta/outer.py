@@ -25,7 +25,7 @@ def _mean_metrics(aux: dict | None, prefix: str) -> dict:
 
 
 def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, cfg: InnerConfig, *,
-              has_aux: bool = False, lrs: PyTree | None = None):
+              has_aux: bool = False, lrs: PyTree | None = None, post_loss: bool = True):
     """Adapts ``params`` on ``support`` and returns the loss of the adapted parameters on ``query``.
 
     Args:
@@ -36,12 +36,13 @@ def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, c
       cfg: the inner-loop configuration.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; then this returns ``(loss, metrics)``.
       lrs: Meta-SGD per-leaf inner rates (see :func:`~mta_jax.meta.inner.adapt`).
+      post_loss: with ``has_aux``, also report ``inner/loss_post``, which costs one extra support
+        forward pass (its gradient is never taken).
 
     Returns:
       The query loss, or ``(loss, metrics)`` with ``has_aux``: ``metrics`` holds
-      ``inner/loss_pre`` and ``inner/loss_post`` (support loss before and after adaptation; the
-      latter costs one extra support forward pass, whose gradient is never taken) and every
-      query aux entry as ``outer/<key>``.
+      ``inner/loss_pre`` and (if ``post_loss``) ``inner/loss_post``, the support loss before and
+      after adaptation, and every query aux entry as ``outer/<key>``.
     """
     if not has_aux:
         return loss_fn(adapt(params, loss_fn, support, cfg, lrs=lrs), query)
@@ -51,8 +52,10 @@ def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, c
         pre = inner.losses[0]
     else:
         pre, _ = call_loss(loss_fn, params, support, True)
-    post = pre if cfg.steps == 0 else call_loss(loss_fn, jax.lax.stop_gradient(adapted), support, True)[0]
-    metrics = {"inner/loss_pre": jax.lax.stop_gradient(pre), "inner/loss_post": jax.lax.stop_gradient(post)}
+    metrics = {"inner/loss_pre": jax.lax.stop_gradient(pre)}
+    if post_loss:
+        post = pre if cfg.steps == 0 else call_loss(loss_fn, jax.lax.stop_gradient(adapted), support, True)[0]
+        metrics["inner/loss_post"] = jax.lax.stop_gradient(post)
     metrics.update(_mean_metrics(qaux, "outer/"))
     return loss, metrics
 
@@ -92,7 +95,8 @@ def map_tasks(fn, supports: PyTree, queries: PyTree, task_chunk: int | None = No
 
 
 def meta_loss(params: PyTree, loss_fn: LossFn, supports: PyTree, queries: PyTree, cfg: InnerConfig, *,
-              has_aux: bool = False, lrs: PyTree | None = None, task_chunk: int | None = None):
+              has_aux: bool = False, lrs: PyTree | None = None, task_chunk: int | None = None,
+              post_loss: bool = True):
     """Mean of :func:`task_loss` over the leading task axis of ``supports`` / ``queries``.
 
     Args:
@@ -104,10 +108,12 @@ def meta_loss(params: PyTree, loss_fn: LossFn, supports: PyTree, queries: PyTree
       has_aux: ``loss_fn`` returns ``(loss, aux)``; then returns ``(loss, metrics)`` averaged over tasks.
       lrs: Meta-SGD per-leaf inner rates.
       task_chunk: see :func:`map_tasks`.
+      post_loss: see :func:`task_loss`.
 
     Returns:
       The mean query loss after adaptation (and the mean metrics with ``has_aux``).
     """
-    out = map_tasks(lambda s, q: task_loss(params, loss_fn, s, q, cfg, has_aux=has_aux, lrs=lrs),
+    out = map_tasks(lambda s, q: task_loss(params, loss_fn, s, q, cfg, has_aux=has_aux, lrs=lrs,
+                                             post_loss=post_loss),
                     supports, queries, task_chunk)
     return jax.tree.map(jnp.mean, out)

@@ -40,6 +40,7 @@ class RopeScaling:
     original_max_position: int
 
 
+@jax.tree_util.register_static  # hashable and leafless: jit / eval_shape / grad accept it as an argument
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Sizes and numerics of a Llama / Qwen2 decoder.

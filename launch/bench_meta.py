@@ -1,0 +1,240 @@
+"""Second-order MAML meta-step on MiniLM + LoRA: JAX (``meta.make_meta_step``) vs a PyTorch loop.
+
+    python -m launch.bench_meta --support=1 --query=1 --steps=1,3,5,10 --remat=1,0 --rounds=3
+
+Workload (both sides, same weights and batches): ``--tasks`` tasks, each with ``--support`` and
+``--query`` items; an item is a query of 32 tokens and 5 candidate docs of 64 tokens; the loss is
+cross-entropy over the 5 candidates of 20 x cosine between mean-pooled, normalised embeddings.
+LoRA r8 (alpha 16) on q and v of all 6 layers; inner SGD, outer Adam. The PyTorch reference is
+written the way users do it today (learn2learn / higher style): a Python loop over tasks,
+``torch.autograd.grad(create_graph=True)`` for the inner steps, manual LoRA on q/v of
+``transformers.BertModel``. Rounds are interleaved (JAX, torch, JAX, ...) because the machine is
+shared; medians and the torch/JAX ratio are printed. JAX first-call time includes compilation
+(no persistent cache here, on purpose). Peak memory: XLA's planned temp buffer size for JAX, and
+for both sides the peak rise of process RSS during a step (sampled every 2 ms).
+"""
+import os
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from mta_jax import meta  # noqa: E402
+from mta_jax.model import encoder as enc  # noqa: E402
+from mta_jax.model import lora as lora_lib  # noqa: E402
+
+flags.DEFINE_integer("tasks", 4, "tasks per meta-step")
+flags.DEFINE_integer("support", 1, "support items per task")
+flags.DEFINE_integer("query", 1, "query items per task")
+flags.DEFINE_list("steps", ["1", "3", "5", "10"], "inner step counts to measure")
+flags.DEFINE_list("remat", ["1", "0"], "inner-loop remat settings to measure (1/0)")
+flags.DEFINE_bool("encoder_remat", False, "also checkpoint each encoder layer (EncoderConfig.remat)")
+flags.DEFINE_integer("rounds", 3, "interleaved timing rounds (after the first call)")
+flags.DEFINE_bool("torch", True, "run the PyTorch reference too")
+flags.DEFINE_float("inner_lr", 1e-2, "inner SGD learning rate")
+flags.DEFINE_bool("post_loss", False, "JAX also logs inner/loss_post (one more support forward per task)")
+flags.DEFINE_bool("one_call", False, "JAX: pad queries to the doc length and encode queries and docs in "
+                  "one encoder call (one layer scan instead of two per loss)")
+flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
+F = flags.FLAGS
+
+Q_LEN, D_LEN, N_CAND, RANK, ALPHA, SCALE = 32, 64, 5, 8, 16.0, 20.0
+
+
+def _batches(rng, tasks, n, vocab):
+    """Token ids with real-looking lengths (CLS ... SEP, then padding) and random labels."""
+    def ids(shape, length):
+        x = rng.integers(1000, vocab, shape + (length,)).astype(np.int32)
+        lens = rng.integers(length // 2, length + 1, shape)
+        mask = (np.arange(length) < lens[..., None]).astype(np.int32)
+        x[..., 0] = 101
+        np.put_along_axis(x, (lens - 1)[..., None], 102, axis=-1)
+        return np.where(mask == 1, x, 0).astype(np.int32), mask
+
+    q_ids, q_mask = ids((tasks, n), Q_LEN)
+    d_ids, d_mask = ids((tasks, n, N_CAND), D_LEN)
+    return {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids, "d_mask": d_mask,
+            "label": rng.integers(0, N_CAND, (tasks, n)).astype(np.int32)}
+
+
+def make_jax_loss(cfg, one_call=False):
+    def loss_fn(lora, base, batch):
+        n = batch["q_ids"].shape[0]
+        d_ids = batch["d_ids"].reshape(n * N_CAND, D_LEN)
+        d_mask = batch["d_mask"].reshape(n * N_CAND, D_LEN)
+        if one_call:
+            pad = lambda x: jnp.pad(x, ((0, 0), (0, D_LEN - Q_LEN)))
+            e = enc.encode(cfg, base, jnp.concatenate([pad(batch["q_ids"]), d_ids]),
+                           jnp.concatenate([pad(batch["q_mask"]), d_mask]), lora)
+            q, d = e[:n], e[n:].reshape(n, N_CAND, -1)
+        else:
+            q = enc.encode(cfg, base, batch["q_ids"], batch["q_mask"], lora)
+            # All candidate docs of the batch in one encoder call.
+            d = enc.encode(cfg, base, d_ids, d_mask, lora).reshape(n, N_CAND, -1)
+        logits = SCALE * jnp.einsum("nd,nkd->nk", q, d)
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.mean(jnp.take_along_axis(logp, batch["label"][:, None], axis=1))
+        return nll, {"acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    return loss_fn
+
+
+class _PeakRSS:
+    """Samples this process's RSS in a thread; ``peak - start`` is the step's memory rise."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    @staticmethod
+    def _rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+        self.rise = self.peak - self.start
+
+
+class TorchMAML:
+    """The reference: Python loop over tasks, create_graph inner steps, manual LoRA on q/v."""
+
+    def __init__(self, model_dir, lora, inner_lr, lr=1e-4):
+        import torch
+        import transformers
+        self.torch = torch
+        # Eager attention: torch's CPU SDPA kernel has no double backward, which second order needs.
+        self.model = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False,
+                                                            attn_implementation="eager")
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.fast = {}
+        self.params = []
+        tree = lora.tree["layers"]["attn"]
+        for i, layer in enumerate(self.model.encoder.layer):
+            for name, lin in (("q", layer.attention.self.query), ("v", layer.attention.self.value)):
+                a = torch.tensor(np.asarray(tree[name]["a"][i]), requires_grad=True)
+                b = torch.tensor(np.asarray(tree[name]["b"][i]), requires_grad=True)
+                self.params += [a, b]
+                key = (i, name)
+                lin.forward = self._lora_forward(lin, key, lora.scale)
+        self.inner_lr = inner_lr
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+
+    def _lora_forward(self, lin, key, scale):
+        F_ = self.torch.nn.functional
+
+        def forward(x):
+            a, b = self.fast[key]
+            return F_.linear(x, lin.weight, lin.bias) + scale * (x @ a) @ b
+        return forward
+
+    def _set(self, flat):
+        keys = [(i, n) for i in range(len(self.model.encoder.layer)) for n in ("q", "v")]
+        self.fast = {k: (flat[2 * j], flat[2 * j + 1]) for j, k in enumerate(keys)}
+
+    def _encode(self, ids, mask):
+        t = self.torch
+        h = self.model(input_ids=t.from_numpy(ids).long(), attention_mask=t.from_numpy(mask).long()).last_hidden_state
+        m = t.from_numpy(mask).float()[..., None]
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return t.nn.functional.normalize(mean, dim=-1)
+
+    def loss(self, flat, b):
+        self._set(flat)
+        n = b["q_ids"].shape[0]
+        q = self._encode(b["q_ids"], b["q_mask"])
+        d = self._encode(b["d_ids"].reshape(n * N_CAND, D_LEN), b["d_mask"].reshape(n * N_CAND, D_LEN))
+        logits = SCALE * self.torch.einsum("nd,nkd->nk", q, d.reshape(n, N_CAND, -1))
+        return self.torch.nn.functional.cross_entropy(logits, self.torch.from_numpy(b["label"]).long())
+
+    def step(self, supports, queries, steps):
+        t = self.torch
+        n_tasks = supports["q_ids"].shape[0]
+        self.opt.zero_grad()
+        total = 0.0
+        for i in range(n_tasks):
+            s = {k: v[i] for k, v in supports.items()}
+            q = {k: v[i] for k, v in queries.items()}
+            fast = list(self.params)
+            for _ in range(steps):
+                grads = t.autograd.grad(self.loss(fast, s), fast, create_graph=True)
+                fast = [p - self.inner_lr * g for p, g in zip(fast, grads)]
+            lq = self.loss(fast, q) / n_tasks
+            lq.backward()
+            total += lq.item()
+        self.opt.step()
+        return total
+
+
+def main(argv):
+    del argv
+    cfg, base = enc.load_default()
+    if F.encoder_remat:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, remat=True)
+    base = jax.device_put(base)
+    lora = lora_lib.init_lora(jax.random.PRNGKey(0), base, lora_lib.LoRAConfig(rank=RANK, alpha=ALPHA))
+    rng = np.random.default_rng(0)
+    supports = _batches(rng, F.tasks, F.support, cfg.vocab_size)
+    queries = _batches(rng, F.tasks, F.query, cfg.vocab_size)
+    loss_fn = make_jax_loss(cfg, F.one_call)
+    if F.torch and F.torch_threads:
+        import torch
+        torch.set_num_threads(F.torch_threads)
+    outer = optax.adam(1e-4)
+    ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch else None
+    print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
+          f"post_loss={F.post_loss} one_call={F.one_call} load={os.getloadavg()[0]:.1f} "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print("steps remat | jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB | torch/jax")
+    for steps in (int(s) for s in F.steps):
+        for remat in (bool(int(r)) for r in F.remat):
+            algo = meta.MetaConfig("maml", meta.InnerConfig(steps=steps, lr=F.inner_lr, remat=remat),
+                                   post_loss=F.post_loss)
+            step = meta.make_meta_step(loss_fn, algo, outer, has_aux=True)
+            state = meta.init_state(lora, algo, outer)
+            t0 = time.perf_counter()
+            compiled = step.lower(state, base, supports, queries).compile()
+            state, m = compiled(state, base, supports, queries)
+            jax.block_until_ready(m)
+            first = time.perf_counter() - t0
+            temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            jt, tt, jr, tr = [], [], [], []
+            for _ in range(F.rounds):
+                with _PeakRSS() as r:
+                    t0 = time.perf_counter()
+                    state, m = compiled(state, base, supports, queries)
+                    jax.block_until_ready(m)
+                    jt.append(time.perf_counter() - t0)
+                jr.append(r.rise / 2**20)
+                if ref is not None:
+                    with _PeakRSS() as r:
+                        t0 = time.perf_counter()
+                        ref.step(supports, queries, steps)
+                        tt.append(time.perf_counter() - t0)
+                    tr.append(r.rise / 2**20)
+            med = lambda x: float(np.median(x)) if x else float("nan")
+            print(f"{steps:5d} {int(remat):5d} | {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
+                  f"{med(tt):12.3f} {max(tr) if tr else float('nan'):12.0f} | {med(tt) / med(jt):9.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,94 @@
+"""The entry points end to end on the tiny config, as a user runs them (subprocesses, real flags)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mta_jax.eval import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, env_extra=None, check=True):
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    wd = tmp_path_factory.mktemp("tiny")
+    run("train.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(wd),
+        "--config.steps=2", "--config.log_every=1", f"--data_dir={data_dir}")
+    return wd
+
+
+def test_train_writes_metrics_contract(trained):
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all("outer/loss" in r for r in rows)
+    timing = {k for r in rows for k in r if "time" in k or k.endswith("_sec")}
+    assert "step_time_sec" in timing
+
+
+def test_eval_writes_results_json_md_png(trained, tmp_path, data_dir):
+    extra = tmp_path / "mytools"
+    extra.mkdir()
+    tools = [{"tool_id": f"t{i}", "name": n, "description": d, "parameters": None, "category": "x"}
+             for i, (n, d) in enumerate([("weather", "Get the weather forecast for a city"),
+                                         ("calculator", "Evaluate arithmetic expressions"),
+                                         ("translate", "Translate text between languages")])]
+    (extra / "tools.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tools))
+    recs = [{"id": "a", "query": "will it rain in Oslo tomorrow", "gold": ["t0"], "candidates": None, "meta": {}},
+            {"id": "b", "query": "what is 17 times 23", "gold": ["t1"], "candidates": None, "meta": {}},
+            {"id": "c", "query": "say hello", "gold": [], "candidates": None, "meta": {}}]
+    (extra / "custom.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    proc = run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
+               "--methods=random,bm25,zero_shot,mta", f"--eval_dirs={extra}", f"--data_dir={data_dir}")
+    results = report.read_results(trained / "eval" / "results.json")  # validates the schema
+    assert set(results) == {"metatool/val_sd", "mytools/custom"}
+    assert set(results["metatool/val_sd"]) == {"random", "bm25", "zero_shot", "mta"}
+    val = results["metatool/val_sd"]["bm25"]
+    assert val["n"] == 1920 and val["std"] is not None and 0 <= val["accuracy"] <= 1
+    custom = results["mytools/custom"]["bm25"]
+    assert custom["n"] == 2 and custom["skipped_empty_gold"] == 1 and custom["std"] is None
+    assert "recall@5" in custom
+    assert (trained / "eval" / "results.png").stat().st_size > 1000
+    assert "| metatool/val_sd |" in proc.stdout
+
+
+def test_eval_rejects_unknown_method(trained, data_dir):
+    proc = run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
+               "--methods=oracle", f"--data_dir={data_dir}", check=False)
+    assert proc.returncode != 0 and "oracle" in proc.stderr
+
+
+def test_select_ranks_a_small_catalogue(trained, tmp_path):
+    tools = [{"tool_id": "weather", "name": "weather", "description": "Weather forecast for any city",
+              "parameters": None, "category": None},
+             {"tool_id": "stocks", "name": "stocks", "description": "Live stock prices and charts",
+              "parameters": None, "category": None}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(t) + "\n" for t in tools))
+    proc = run("select.py", f"--tools={path}", "--query=forecast for Paris", "--query=AAPL share price",
+               f"--workdir={trained}", "--top_k=2", "--json")
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert [x["query"] for x in lines] == ["forecast for Paris", "AAPL share price"]
+    for x in lines:
+        assert sorted(r["tool_id"] for r in x["ranking"]) == ["stocks", "weather"]
+        scores = [r["score"] for r in x["ranking"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_train_without_data_fails_fast(tmp_path):
+    proc = run("train.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(tmp_path / "w"),
+               env_extra={"MTA_DATA_DIR": str(tmp_path / "nowhere"), "MTA_CACHE": str(tmp_path / "cache")},
+               check=False)
+    assert proc.returncode != 0
+    assert "MTA_DATA_DIR" in proc.stderr or "--data_dir" in proc.stderr
