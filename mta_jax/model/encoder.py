@@ -229,7 +229,7 @@ def embed(cfg: EncoderConfig, params: dict, ids: jax.Array, type_ids: jax.Array 
 
 def _mask_bias(mask: jax.Array) -> jax.Array:
     """``(B, S)`` 1/0 key mask -> ``(B, 1, 1, S)`` additive bias (0 or float32 min, as HF BERT)."""
-    return jnp.where(mask.astype(bool), 0.0, 0.0)[:, None, None, :]
+    return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
 
 def _scan(cfg: EncoderConfig, layers: dict, lora_layers: dict | None, scale: float, h: jax.Array,
