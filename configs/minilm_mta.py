@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tasks_per_step = 4
     c.prefetch = 2
 
-    c.model = ml_collections.ConfigDict(dict(path="", dtype="float32", remat=False))  # "" = packaged MiniLM
+    c.model = ml_collections.ConfigDict(dict(kind="encoder", path="", dtype="float32", remat=False))  # "" = packaged MiniLM
     c.loss = ml_collections.ConfigDict(dict(scale=20.0))
     c.data = ml_collections.ConfigDict(dict(
         datasets=("metatool", "toollens"), doc_style="name_desc", query_len=48, doc_len=64))

@@ -41,6 +41,8 @@ flags.DEFINE_float("inner_lr", 1e-2, "inner SGD learning rate")
 flags.DEFINE_bool("post_loss", False, "JAX also logs inner/loss_post (one more support forward per task)")
 flags.DEFINE_bool("one_call", False, "JAX: pad queries to the doc length and encode queries and docs in "
                   "one encoder call (one layer scan instead of two per loss)")
+flags.DEFINE_integer("task_chunk", 0, "JAX: tasks per chunk of a sequential lax.map (0: vmap all tasks)")
+flags.DEFINE_bool("compile_only", False, "JAX only: report compile time and XLA temp memory, run nothing")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
 F = flags.FLAGS
 
@@ -199,19 +201,23 @@ def main(argv):
         import torch
         torch.set_num_threads(F.torch_threads)
     outer = optax.adam(1e-4)
-    ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch else None
+    ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch and not F.compile_only else None
     print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
-          f"post_loss={F.post_loss} one_call={F.one_call} load={os.getloadavg()[0]:.1f} "
+          f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} load={os.getloadavg()[0]:.1f} "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print("steps remat | jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB | torch/jax")
     for steps in (int(s) for s in F.steps):
         for remat in (bool(int(r)) for r in F.remat):
             algo = meta.MetaConfig("maml", meta.InnerConfig(steps=steps, lr=F.inner_lr, remat=remat),
-                                   post_loss=F.post_loss)
+                                   post_loss=F.post_loss, task_chunk=F.task_chunk or None)
             step = meta.make_meta_step(loss_fn, algo, outer, has_aux=True)
             state = meta.init_state(lora, algo, outer)
             t0 = time.perf_counter()
             compiled = step.lower(state, base, supports, queries).compile()
+            if F.compile_only:
+                print(f"{steps:5d} {int(remat):5d} | compile {time.perf_counter() - t0:6.1f} s, xla temp "
+                      f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:6.0f} MB", flush=True)
+                continue
             state, m = compiled(state, base, supports, queries)
             jax.block_until_ready(m)
             first = time.perf_counter() - t0

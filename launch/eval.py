@@ -37,7 +37,7 @@ def main(argv):
     from mta_jax.train import evaluate as evaluation
 
     config = _CONFIG.value
-    results = evaluation.run(
+    evaluation.run(
         config=config, workdir=pathlib.Path(_WORKDIR.value),
         methods=tuple(_METHODS.value or config.eval.methods),
         sets=tuple(_SETS.value if _SETS.value is not None else config.eval.sets) + tuple(_EVAL_DIRS.value),

@@ -33,6 +33,7 @@ def main(argv):
     from mta_jax.eval import encoders
     from mta_jax.eval import select
     from mta_jax.train import loop
+    from mta_jax.train import workloads
 
     path = pathlib.Path(_TOOLS.value)
     catalogue = records.load_catalogue(path / records.TOOLS_FILE if path.is_dir() else path)
@@ -40,7 +41,7 @@ def main(argv):
     if _WORKDIR.value:
         cfg_json = json.loads((pathlib.Path(_WORKDIR.value) / "config.json").read_text(encoding="utf-8"))
         model_path, style = cfg_json["model"]["path"], cfg_json["data"]["doc_style"]
-    name, cfg, base, tok = loop.load_backbone(model_path, "float32", False)
+    name, cfg, base, tok = workloads.load_backbone(model_path, "float32", False)
     if _WORKDIR.value:
         s, _, lora = loop.restore_trained(_WORKDIR.value, base, name)
         first = s.lora.first_layer

@@ -64,7 +64,7 @@ def test_bad_tools(tmp_path, line, field, msg):
     with pytest.raises(records.DataError) as e:
         records.load_catalogue(path)
     text = str(e.value)
-    assert f"tools.jsonl:2" in text and msg in text
+    assert "tools.jsonl:2" in text and msg in text
     if field:
         assert f"field {field!r}" in text
 

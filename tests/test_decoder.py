@@ -2,7 +2,6 @@
 import dataclasses
 import functools
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -285,6 +284,10 @@ def test_lora_from_another_model_is_rejected():
     ids, mask = _batch(9, vocab=TINY.vocab_size)
     with pytest.raises(ValueError, match="LoRA leaf"):
         decoder.forward(TINY, params, ids, mask, lora)
+    with pytest.raises(ValueError, match="max_position"):
+        decoder.forward(dataclasses.replace(TINY, max_position=8), params, ids, mask)
+    with pytest.raises(ValueError, match="batch, length"):
+        decoder.forward(TINY, params, ids, mask[:, :-1])
     stray = lora_lib.LoRAParams({"embed": {"a": jnp.zeros((2, 2)), "b": jnp.zeros((2, 2))}}, 1.0)
     with pytest.raises(ValueError, match="top-level keys"):
         decoder.forward(TINY, params, ids, mask, stray)

@@ -62,9 +62,7 @@ def test_meta_step_metrics_and_no_retracing(name):
         losses.append(metrics["outer/loss"])
     assert first > 0 and len(traces) == first, (first, len(traces))
     assert int(state.step) == 3
-    want = {"outer/loss", "outer/grad_norm", "inner/loss_pre", "inner/loss_post"}
-    if name != "reptile":
-        want.add("outer/acc")
+    want = {"outer/loss", "outer/grad_norm", "inner/loss_pre", "inner/loss_post", "outer/acc"}
     assert want <= set(metrics), sorted(metrics)
     for k, v in metrics.items():
         assert v.shape == () and np.isfinite(float(v)), (k, v)
@@ -88,6 +86,8 @@ def test_task_loss_aux_and_adapt_return_aux():
     np.testing.assert_allclose(metrics["inner/loss_post"], fn(adapted, s)[0], rtol=1e-6)
     np.testing.assert_allclose(loss, fn(adapted, q)[0], rtol=1e-6)
     np.testing.assert_allclose(metrics["outer/acc"], fn(adapted, q)[1]["acc"])
+    _, lean = meta.task_loss(lora, fn, s, q, cfg, has_aux=True, post_loss=False)
+    assert set(lean) == set(metrics) - {"inner/loss_post"}
 
 
 def test_adapt_for_eval_and_initial_params():

@@ -80,6 +80,13 @@ def test_bert_adapter_loads_in_peft(tmp_path):
     base_dir = _save_random(transformers.BertModel(bert_conf), tmp_path / "base")
     cfg, params = encoder.load_hf(base_dir)
     ids, mask = _batch(1)
+    m = mask.astype(bool)
+    with torch.no_grad():
+        plain = transformers.BertModel.from_pretrained(base_dir, attn_implementation="eager").eval()
+        base_ref = plain(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    base_ours = np.asarray(encoder.hidden_states(cfg, params, ids, mask))
+    assert np.abs(base_ours[m] - base_ref[m]).max() < 1e-4, "encoder != HF BertModel even without an adapter"
     # All kernels (suffix targeting), then the MLP down projection alone: its PEFT suffix
     # "output.dense" would also catch attention.output.dense, so the export must target exactly.
     for name, targets in [("all", r"layers/(attn|mlp)/.*/kernel"), ("down", r"layers/mlp/down/kernel")]:
@@ -94,9 +101,11 @@ def test_bert_adapter_loads_in_peft(tmp_path):
         with torch.no_grad():
             ref = model(input_ids=torch.tensor(ids, dtype=torch.long),
                         attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+        merged = np.asarray(encoder.hidden_states(cfg, lora_lib.merge(params, lora), ids, mask))
+        assert np.abs(merged[m] - base_ours[m]).max() > 1e-2  # the adapter matters at this tolerance
+        assert np.abs(merged[m] - ref[m]).max() < 1e-4, "exported adapter != W + scale * a @ b"
         ours = np.asarray(encoder.hidden_states(cfg, params, ids, mask, lora))
-        m = mask.astype(bool)
-        assert np.abs(ours[m] - ref[m]).max() < 1e-4
+        assert np.abs(ours[m] - ref[m]).max() < 1e-4, "encoder's LoRA forward != PEFT"
 
 
 def test_adapter_config_fields(tmp_path):

@@ -163,10 +163,12 @@ def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
 
     def per_task(s, q):
         phi, aux = adapt(theta, pooled, (s, q), inner, has_aux=True, return_aux=True)
-        post = pooled(phi, (s, q))[0]
+        post, post_aux = pooled(phi, (s, q))
         direction = jax.tree.map(lambda t, p: t - p, theta, phi)
         pre = aux.losses[0] if inner.steps > 0 else post
         metrics = {"inner/loss_pre": pre, "inner/loss_post": post}
+        # Task-data aux after adaptation (in-sample for Reptile: it adapts on support and query).
+        metrics.update({f"outer/{k}": jnp.mean(v) for k, v in post_aux.items()})
         return pre, direction, metrics
 
     return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))

@@ -45,8 +45,8 @@ class RopeScaling:
 class DecoderConfig:
     """Sizes and numerics of a Llama / Qwen2 decoder.
 
-    ``dtype`` is the compute dtype (matmul inputs); norms, softmax and logits are always computed in
-    at least fp32. ``param_dtype`` is the storage dtype of freshly initialised or loaded weights.
+    ``dtype`` is the compute dtype (matmul inputs and the residual stream, as in HF bf16 models);
+    norms, RoPE, softmax and the logit accumulation are always at least fp32. ``param_dtype`` is the storage dtype of freshly initialised or loaded weights.
     """
 
     vocab_size: int
@@ -407,76 +407,69 @@ def sequence_logprob(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax
     return jnp.sum(jnp.where(target_mask[:, 1:].astype(bool), picked, 0.0), axis=-1)
 
 
-# Our path inside one stacked layer -> (HF tensor name inside `layers.{i}.`, transpose (out,in)->(in,out)).
-_HF_LAYER = {
-    "attn/q/kernel": ("self_attn.q_proj.weight", True),
-    "attn/k/kernel": ("self_attn.k_proj.weight", True),
-    "attn/v/kernel": ("self_attn.v_proj.weight", True),
-    "attn/o/kernel": ("self_attn.o_proj.weight", True),
-    "attn/q/bias": ("self_attn.q_proj.bias", False),
-    "attn/k/bias": ("self_attn.k_proj.bias", False),
-    "attn/v/bias": ("self_attn.v_proj.bias", False),
-    "attn_norm/scale": ("input_layernorm.weight", False),
-    "mlp/gate/kernel": ("mlp.gate_proj.weight", True),
-    "mlp/up/kernel": ("mlp.up_proj.weight", True),
-    "mlp/down/kernel": ("mlp.down_proj.weight", True),
-    "mlp_norm/scale": ("post_attention_layernorm.weight", False),
-}
+def _hf_layer_tensors(cfg: DecoderConfig) -> list[tuple[str, str, bool, tuple[int, ...]]]:
+    """(our path in a layer, HF name after ``layers.{i}.``, transpose Linear (out,in), our shape)."""
+    D, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    rows = [("attn/q/kernel", "self_attn.q_proj.weight", True, (D, q)),
+            ("attn/k/kernel", "self_attn.k_proj.weight", True, (D, kv)),
+            ("attn/v/kernel", "self_attn.v_proj.weight", True, (D, kv)),
+            ("attn/o/kernel", "self_attn.o_proj.weight", True, (q, D)),
+            ("attn_norm/scale", "input_layernorm.weight", False, (D,)),
+            ("mlp/gate/kernel", "mlp.gate_proj.weight", True, (D, F)),
+            ("mlp/up/kernel", "mlp.up_proj.weight", True, (D, F)),
+            ("mlp/down/kernel", "mlp.down_proj.weight", True, (F, D)),
+            ("mlp_norm/scale", "post_attention_layernorm.weight", False, (D,))]
+    if cfg.qkv_bias:
+        rows += [(f"attn/{n}/bias", f"self_attn.{n}_proj.bias", False, (o,)) for n, o in (("q", q), ("k", kv), ("v", kv))]
+    return rows
 
 
 def load_hf(model_dir: str | pathlib.Path, *, dtype: str = "float32",
             param_dtype: str = "float32") -> tuple[DecoderConfig, dict]:
     """Loads a HF Llama / Qwen2 checkpoint (``config.json`` + single or sharded safetensors).
 
+    Linear weights ``(out, in)`` are transposed, per-layer tensors stacked, bf16 cast to
+    ``param_dtype``; the ``model.`` name prefix is optional and ``rotary_emb.inv_freq`` ignored.
+
     Args:
       model_dir: HF model folder.
-      dtype: compute dtype of the returned config.
-      param_dtype: storage dtype the weights are cast to (bf16 checkpoints included).
+      dtype: compute dtype recorded in the returned config.
+      param_dtype: storage dtype of the returned weights.
 
     Returns:
-      ``(cfg, params)`` with stacked layers.
+      ``(cfg, params)``; ``cfg.tie_embeddings`` is set when the checkpoint stores no ``lm_head``.
 
     Raises:
-      hf_io.CheckpointError: missing, misshapen or unused tensors (naming them); ValueError for
-        unsupported configs.
+      hf_io.CheckpointError: a missing, misshapen or unused tensor (named), checked before any
+        weight is converted. ValueError: an unsupported config.
     """
     cfg = dataclasses.replace(DecoderConfig.from_hf(hf_io.read_config(model_dir)),
                               dtype=dtype, param_dtype=param_dtype)
     reader = hf_io.TensorReader(hf_io.read_tensors(model_dir), str(model_dir), prefixes=("model.", ""))
-    pd = jnp.dtype(param_dtype)
-    D, E, F = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    out_dims = {"q": cfg.num_heads * E, "k": cfg.num_kv_heads * E, "v": cfg.num_kv_heads * E}
-    shapes = {"attn/o/kernel": (cfg.num_heads * E, D), "mlp/gate/kernel": (D, F),
-              "mlp/up/kernel": (D, F), "mlp/down/kernel": (F, D),
-              "attn_norm/scale": (D,), "mlp_norm/scale": (D,)}
-    for n, o in out_dims.items():
-        shapes[f"attn/{n}/kernel"] = (D, o)
-        if cfg.qkv_bias:
-            shapes[f"attn/{n}/bias"] = (o,)
-    layers: dict = {}
-    for ours, shape in shapes.items():
-        hf_name, transpose = _HF_LAYER[ours]
-        stacked = np.stack([np.asarray(reader.take(f"layers.{i}.{hf_name}", shape, transpose=transpose), pd)
-                            for i in range(cfg.num_layers)])
-        node = layers
-        *mods, leaf = ours.split("/")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[leaf] = jnp.asarray(stacked)
-    embed = np.asarray(reader.take("embed_tokens.weight", (cfg.vocab_size, D)), pd)
-    params = {"embed": jnp.asarray(embed), LAYERS: layers,
-              "final_norm": {"scale": jnp.asarray(np.asarray(reader.take("norm.weight", (D,)), pd))}}
+    D = cfg.hidden_size
+    flat = {"embed": reader.take("embed_tokens.weight", (cfg.vocab_size, D)),
+            "final_norm/scale": reader.take("norm.weight", (D,))}
+    for ours, hf_name, transpose, shape in _hf_layer_tensors(cfg):
+        flat[f"{LAYERS}/{ours}"] = np.stack([reader.take(f"layers.{i}.{hf_name}", shape, transpose=transpose)
+                                             for i in range(cfg.num_layers)])
     if reader.has("lm_head.weight"):
-        head = np.asarray(reader.take("lm_head.weight", (D, cfg.vocab_size), transpose=True), pd)
-        if cfg.tie_embeddings and not np.array_equal(head.T, embed):
+        head = reader.take("lm_head.weight", (D, cfg.vocab_size), transpose=True)
+        if not cfg.tie_embeddings:
+            flat["lm_head"] = head
+        elif not np.array_equal(head.T, flat["embed"]):
             raise hf_io.CheckpointError(f"{model_dir}: tie_word_embeddings=true but lm_head.weight "
                                         "differs from embed_tokens.weight")
-        if not cfg.tie_embeddings:
-            params["lm_head"] = jnp.asarray(head)
     else:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)  # HF ties when the head is not stored
     unused = [n for n in reader.unused() if not n.endswith("rotary_emb.inv_freq")]
     if unused:
         raise hf_io.CheckpointError(f"{model_dir}: {len(unused)} tensors not used by the "
                                     f"{cfg.arch} decoder: {unused[:8]}")
+    params: dict = {}
+    for path, x in flat.items():
+        *parents, leaf = path.split("/")
+        node = params
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = jnp.asarray(np.asarray(x).astype(jnp.dtype(param_dtype)))
     return cfg, params

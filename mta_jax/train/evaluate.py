@@ -22,6 +22,7 @@ from mta_jax.eval import metrics as metrics_lib
 from mta_jax.eval import report
 from mta_jax.eval import sets as sets_lib
 from mta_jax.train import loop
+from mta_jax.train import workloads
 
 TRAINED = ("mta", "ft", "mta_adapt")
 
@@ -51,7 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     groups = sets_lib.build_sets(list(sets), records.resolve_data_dir(data_dir))
     log(f"built {len(groups)} eval sets in {time.perf_counter() - t0:.1f}s")
 
-    name, cfg, base, tok = loop.load_backbone(config.model.path, config.model.dtype, False)
+    name, cfg, base, tok = workloads.load_backbone(config.model.path, config.model.dtype, False)
     trained = {}
     for m in methods:
         if m in TRAINED:

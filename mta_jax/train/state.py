@@ -43,6 +43,7 @@ class Settings:
     keep_checkpoints: int
     eval_every: int
     init_from: str
+    model_kind: str
     model_path: str
     model_dtype: str
     remat_layers: bool
@@ -87,7 +88,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     return Settings(
         seed=c.seed, steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every,
         keep_checkpoints=c.keep_checkpoints, eval_every=c.eval_every, init_from=c.init_from,
-        model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
+        model_kind=c.model.kind, model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
         loss_scale=c.loss.scale,
         data=_dc(DataSettings, c.data),
         episode=_dc(episodes.EpisodeConfig, c.episode),
