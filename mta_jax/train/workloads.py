@@ -12,6 +12,8 @@ episode's ``N`` docs are embedded once per inner step and shared by all of its i
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 
 import jax
@@ -20,11 +22,14 @@ import numpy as np
 from mta_jax.data import render
 from mta_jax.data import tokenize
 from mta_jax.meta import losses
+from mta_jax.model import decoder
 from mta_jax.model import encoder
 from mta_jax.tasks import episodes
+from mta_jax.tasks import prompts as prompts_lib
 from mta_jax.train import state as state_lib
 
 RANDOM_TINY = "random-tiny"
+RANDOM_TINY_DECODER = "random-tiny-decoder"
 
 
 def load_backbone(model_path: str, dtype: str, remat: bool):
@@ -107,8 +112,117 @@ class EncoderWorkload:
         return tuple(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderBackbone:
+    """A loaded decoder: ``name`` (identity recorded in checkpoints), config, frozen weights, tokenizer, eos id."""
+
+    name: str
+    cfg: decoder.DecoderConfig
+    base: dict
+    tok: tokenize.Tokenizer
+    eos_id: int
+
+
+def _eos_id(model_dir: pathlib.Path, tok: tokenize.Tokenizer) -> int:
+    """``eos_token_id`` of ``config.json`` (the first, if a list), else ``tokenizer_config.json``'s eos token."""
+    conf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    eos = conf.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is not None:
+        return int(eos)
+    tc = model_dir / "tokenizer_config.json"
+    token = json.loads(tc.read_text(encoding="utf-8")).get("eos_token") if tc.is_file() else None
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not token:
+        raise ValueError(f"{model_dir}: no eos_token_id in config.json and no eos_token in tokenizer_config.json")
+    return tok.token_to_id(token)
+
+
+def load_decoder_backbone(model_path: str, dtype: str, remat: bool) -> DecoderBackbone:
+    """Loads a local HF Llama / Qwen2 folder, or the random test model.
+
+    ``model_path == "random-tiny-decoder"`` builds a 2-layer, width-32 Qwen2-style decoder (GQA 4:2,
+    qkv bias, tied embeddings) with random weights (seed 0) and MiniLM's tokenizer (eos = ``[SEP]``).
+    Real checkpoints are stored in ``dtype`` (bf16 configs keep an 8B model at 16 GB).
+
+    Raises:
+      ValueError: ``model_path`` is empty (decoders have no packaged default).
+    """
+    if model_path == RANDOM_TINY_DECODER:
+        model_dir = encoder.default_model_dir()
+        tok = tokenize.Tokenizer.from_dir(model_dir)
+        cfg = decoder.DecoderConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=8, intermediate_size=64, qkv_bias=True,
+                                    tie_embeddings=True, max_position=512, dtype=dtype, remat=remat,
+                                    arch="qwen2")
+        return DecoderBackbone(RANDOM_TINY_DECODER, cfg, decoder.init_params(cfg, jax.random.key(0)), tok,
+                               tok.token_to_id("[SEP]"))
+    if not model_path:
+        raise ValueError("config.model.path is empty: decoder configs need a local HF Llama/Qwen2 folder "
+                         "(or 'random-tiny-decoder')")
+    model_dir = pathlib.Path(model_path)
+    cfg, base = decoder.load_hf(model_dir, dtype=dtype, param_dtype=dtype)
+    tok = tokenize.Tokenizer.from_dir(model_dir)
+    return DecoderBackbone(str(model_dir), dataclasses.replace(cfg, remat=remat), base, tok, _eos_id(model_dir, tok))
+
+
+class DecoderWorkload:
+    """Decoder tool selection as in MetaToolAgent: the prompt lists the item's candidate tools and the
+    query, the target is the gold tool's name (+ eos); loss = cross-entropy on the target span.
+
+    Sizes come from the shared config fields: ``data.query_len`` is the sequence length ``L``
+    (prompt + target tokens) and ``data.doc_len`` the most target tokens (label + eos); every train
+    tool's label is checked against it up front, so no batch can fail mid-run. ``loss.scale`` and
+    ``data.doc_style`` are encoder-only and ignored. Prompts are tokenised in the prefetch thread;
+    there are no device tables (the whole decoder runs per step; LoRA usually covers every layer).
+    """
+
+    def __init__(self, s: state_lib.Settings, data_dir: pathlib.Path):
+        self.s = s
+        bb = load_decoder_backbone(s.model_path, s.model_dtype, s.remat_layers)
+        self.name, self.cfg, self.base, self.tok, self.eos_id = bb.name, bb.cfg, bb.base, bb.tok, bb.eos_id
+        if s.data.query_len > self.cfg.max_position:
+            raise ValueError(f"config.data.query_len={s.data.query_len} exceeds the model's "
+                             f"max_position={self.cfg.max_position}")
+        self.pool = episodes.load_train_pool(data_dir, s.data.datasets)
+        self.sampler = episodes.EpisodeSampler(self.pool, s.episode, seed=s.seed)
+        self.encoder = prompts_lib.PromptEncoder(self.tok, s.data.query_len, s.data.doc_len, self.eos_id)
+        train = np.flatnonzero(self.pool.tool_is_train)
+        labels = [" " + prompts_lib.tool_label(self.pool.tools[i], self.pool.datasets[self.pool.tool_dataset[i]])
+                  for i in train]
+        self.encoder.target_ids(labels)  # raises, naming the label, if one exceeds doc_len
+        self.loss_fn = losses.DecoderTargetLoss(self.cfg, max_target=s.data.doc_len)
+
+    def host_batch(self, step: int, num_tasks: int) -> dict[str, np.ndarray]:
+        """Index batch of ``step`` plus its token arrays ``{support,query}_{ids,mask,target_mask} [T, S, L]``.
+
+        Also ``{part}_truncated [T]``: how many of the task's prompts lost tokens to fit ``L``.
+        """
+        batch = self.sampler.batch(step, num_tasks)
+        for part in ("support", "query"):
+            t, n = batch[f"{part}_items"].shape
+            enc = self.encoder.pairs(*prompts_lib.episode_texts(self.pool, batch, part))
+            length = self.s.data.query_len
+            batch[f"{part}_ids"] = enc.ids.reshape(t, n, length)
+            batch[f"{part}_mask"] = enc.mask.reshape(t, n, length)
+            batch[f"{part}_target_mask"] = enc.target_mask.reshape(t, n, length)
+            batch[f"{part}_truncated"] = enc.truncated.reshape(t, n).sum(1).astype(np.int32)
+        return batch
+
+    def tables(self, base) -> dict[str, np.ndarray]:
+        """No device tables: prompts differ per item, so nothing is shared across steps."""
+        return {}
+
+    def task_sets(self, base, tables, batch):
+        """Selects the support and query token arrays (inside jit)."""
+        return tuple({"ids": batch[f"{p}_ids"], "mask": batch[f"{p}_mask"],
+                      "target_mask": batch[f"{p}_target_mask"]} for p in ("support", "query"))
+
+
 # Explicit registry (no string dispatch through getattr): config.model.kind -> workload class.
-WORKLOADS = {"encoder": EncoderWorkload}
+WORKLOADS = {"encoder": EncoderWorkload, "decoder": DecoderWorkload}
 
 
 def load_workload(s: state_lib.Settings, data_dir: pathlib.Path):

@@ -1,0 +1,174 @@
+"""Decoder tool-selection scorers: constrained scoring of every candidate name, and greedy generation + exact match.
+
+Method names for ``config.model.kind == "decoder"``: ``zero_shot``, ``ft`` and ``mta`` (LoRA None /
+trained) use the **default, total log-probability** ``log p(" name" + eos | prompt)``: the
+probability that the model answers exactly this tool and stops, so it needs no length heuristic
+(the eos already stops a short name from winning by being a prefix of a longer one). Suffixes pick
+the variants: ``<method>@norm`` divides by the target's token count; ``<method>@gen`` is the
+paper's metric, free greedy decoding compared by exact match with the candidates' names.
+
+Only items with shipped candidate lists can be prompted: a ``candidates: None`` item (the whole
+pool) raises, naming the set. Prompts and targets are built exactly as in training
+(:mod:`mta_jax.tasks.prompts`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from mta_jax.data import render
+from mta_jax.eval.metrics import Scorer
+from mta_jax.eval.sets import EvalSet
+from mta_jax.meta import losses
+from mta_jax.model import generate
+from mta_jax.tasks import prompts as prompts_lib
+
+VARIANTS = ("", "@norm", "@gen")
+_WIDTHS = (128, 256, 512, 1024, 2048, 4096)  # padded sequence lengths: one compile per width used
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """``"mta@gen" -> ("mta", "@gen")``; raises on an unknown suffix."""
+    base, at, suffix = name.partition("@")
+    variant = at + suffix
+    if variant not in VARIANTS:
+        raise ValueError(f"decoder method {name!r}: unknown variant {variant!r}; have {VARIANTS}")
+    return base, variant
+
+
+def _item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
+    """Per set, per item: ``(prompt, [" label" of each candidate])``."""
+    out = []
+    for s in group:
+        style = prompts_lib.label_style(s.dataset)
+        rows = []
+        for it in s.items:
+            if it.candidates is None:
+                raise ValueError(f"{s.label}: item {it.id!r} has candidates=None (the whole pool of "
+                                 f"{len(s.catalogue.ids())} tools); a decoder prompt cannot list the pool. "
+                                 "Evaluate the decoder on sets with candidate lists")
+            tools = [s.catalogue[t] for t in it.candidates]
+            prompt, _ = render.decoder_prompt(it.query, tools, label_style=style)
+            rows.append((prompt, [" " + render.LABEL_STYLES[style](t) for t in tools]))
+        out.append(rows)
+    return out
+
+
+def _width(n_tokens: int, max_len: int) -> int:
+    return min([w for w in _WIDTHS if w >= n_tokens] + [max_len])
+
+
+def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, max_len: int,
+                       batch_size: int, normalize: bool = False) -> Scorer:
+    """Scores each candidate by the log-probability of its name (+ eos) after the prompt.
+
+    Args:
+      cfg, base, tok: the decoder, its weights and tokenizer.
+      lora: adapter (None = zero-shot).
+      eos_id: appended to each target, as in training.
+      max_len: sequence budget (prompts are cut from the front beyond it; targets never).
+      batch_size: rows per compiled call.
+      normalize: divide by the number of target tokens (the ``@norm`` variant).
+    """
+    fn = jax.jit(losses.target_token_logprobs, static_argnums=(0, 6))
+
+    def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
+        texts = _item_texts(group)
+        prompts, targets = [], []
+        for rows in texts:
+            for prompt, labels in rows:
+                prompts += [prompt] * len(labels)
+                targets += labels
+        max_target = max(map(len, tok.tokenize(targets, add_special_tokens=False))) + (eos_id is not None)
+        max_target = -(-max_target // 8) * 8  # round up: fewer distinct compiled shapes
+        lengths = tok.seq_lengths(prompts) + max_target
+        flat = np.zeros(len(prompts))
+        for w in sorted({_width(int(n), max_len) for n in lengths}):
+            rows = np.flatnonzero([_width(int(n), max_len) == w for n in lengths])
+            enc = prompts_lib.PromptEncoder(tok, w, max_target, eos_id)
+            for s in range(0, len(rows), batch_size):
+                sel = rows[s:s + batch_size]
+                e = enc.pairs([prompts[i] for i in sel], [targets[i] for i in sel])
+                pad = batch_size - len(sel)
+                arrs = [np.pad(a, ((0, pad), (0, 0))) for a in (e.ids, e.mask, e.target_mask)]
+                arrs[2][len(sel):, -1] = 1  # padding rows get a dummy target (never read)
+                logp, _, valid = fn(cfg, base, lora, *arrs, max_target)
+                total = np.asarray(logp, np.float64).sum(-1)[:len(sel)]
+                if normalize:
+                    total = total / np.asarray(valid).sum(-1)[:len(sel)]
+                flat[sel] = total
+        out, k = [], 0
+        for rows in texts:
+            per_set = []
+            for _, labels in rows:
+                per_set.append(flat[k:k + len(labels)])
+                k += len(labels)
+            out.append(per_set)
+        return out
+    return score
+
+
+def generation_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, max_len: int,
+                      batch_size: int, log: Callable[[str], None] | None = None) -> Scorer:
+    """Greedy generation + exact match: the candidate whose name equals the answer gets score 1.
+
+    The answer is the generated text up to eos, first line, stripped; a candidate matches when its
+    name, round-tripped through the tokenizer (so uncased tokenizers compare like for like), is
+    equal. An answer matching no candidate must count as wrong, but the metrics pick an argmax
+    over candidate scores, so such an item scores its gold candidates -1 and the others 0 (the
+    only use of the gold here; the count of invalid answers is logged).
+    """
+    gen = jax.jit(generate.greedy, static_argnums=(0, 4, 5))
+
+    def norm(text: str) -> str:
+        return text.split("\n", 1)[0].strip()
+
+    def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
+        texts = _item_texts(group)
+        prompts = [p for rows in texts for p, _ in rows]
+        labels = sorted({lab for rows in texts for _, labs in rows for lab in labs})
+        lab_ids = tok.tokenize(labels, add_special_tokens=False)
+        canon = {lab: norm(tok.decode(ids)) for lab, ids in zip(labels, lab_ids)}
+        max_new = max(len(i) for i in lab_ids) + 2  # room for eos and one stray token
+        lengths = tok.seq_lengths(prompts)
+        answers: list[str] = [""] * len(prompts)
+        for w in sorted({_width(int(n), max_len - max_new) for n in lengths}):
+            rows = np.flatnonzero([_width(int(n), max_len - max_new) == w for n in lengths])
+            enc = prompts_lib.PromptEncoder(tok, w + 1, 1, None)
+            for s in range(0, len(rows), batch_size):
+                sel = rows[s:s + batch_size]
+                e = enc.prompts_left([prompts[i] for i in sel], w)
+                pad = batch_size - len(sel)
+                ids = np.pad(e.ids, ((0, pad), (0, 0)), constant_values=tok.pad_id)
+                mask = np.pad(e.mask, ((0, pad), (0, 0)), constant_values=1)
+                tokens, valid = jax.device_get(gen(cfg, base, ids, mask, max_new, eos_id, lora))
+                for j, i in enumerate(sel):
+                    answers[i] = norm(tok.decode(tokens[j][valid[j]]))
+        out, k, invalid = [], 0, 0
+        for s, rows in zip(group, texts):
+            per_set = []
+            for it, (_, labs) in zip(s.items, rows):
+                hit = np.array([canon[lab] == answers[k] for lab in labs], np.float64)
+                if not hit.any():
+                    invalid += 1
+                    hit = -np.array([c in set(it.gold) for c in it.candidates], np.float64)
+                per_set.append(hit)
+                k += 1
+            out.append(per_set)
+        if log is not None:
+            log(f"{group[0].name}: {invalid} of {k} generated answers match no candidate (counted wrong)")
+        return out
+    return score
+
+
+def decoder_scorer(variant: str, cfg, base: dict, tok, lora, *, eos_id: int | None, max_len: int,
+                   batch_size: int, log: Callable[[str], None] | None = None) -> Scorer:
+    """The scorer of one variant (``""``, ``"@norm"``, ``"@gen"``, see :data:`VARIANTS`)."""
+    if variant == "@gen":
+        return generation_scorer(cfg, base, tok, lora, eos_id=eos_id, max_len=max_len,
+                                 batch_size=batch_size, log=log)
+    return constrained_scorer(cfg, base, tok, lora, eos_id=eos_id, max_len=max_len, batch_size=batch_size,
+                              normalize=variant == "@norm")
+
