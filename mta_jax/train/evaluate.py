@@ -16,6 +16,7 @@ import ml_collections
 
 from mta_jax.data import records
 from mta_jax.data.render import tool_text
+from mta_jax.eval import decoder_methods
 from mta_jax.eval import encoders
 from mta_jax.eval import methods as methods_lib
 from mta_jax.eval import metrics as metrics_lib
@@ -44,7 +45,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     Returns:
       The results dict (also written to disk).
     """
-    unknown = sorted(set(methods) - set(methods_lib.METHODS) - set(TRAINED))
+    is_decoder = config.model.kind == "decoder"
+    unknown = sorted({decoder_methods.split_method(m)[0] if is_decoder else m for m in methods}
+                     - set(methods_lib.METHODS) - set(TRAINED))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from "
                          f"{sorted(set(methods_lib.METHODS) | set(TRAINED))}")
@@ -52,6 +55,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     groups = sets_lib.build_sets(list(sets), records.resolve_data_dir(data_dir))
     log(f"built {len(groups)} eval sets in {time.perf_counter() - t0:.1f}s")
 
+    if is_decoder:  # prompts + LM scoring; none of the encoder machinery below applies
+        name, scorers = _decoder_scorers(config, workdir, methods, ft_workdir, log)
+        return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
     name, cfg, base, tok = workloads.load_backbone(config.model.path, config.model.dtype, False)
     trained = {}
     for m in methods:
@@ -76,6 +82,40 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, shots=config.eval.adapt_shots)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
+    return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
+
+
+def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, dict]:
+    """Decoder methods: ``zero_shot``/``ft``/``mta`` score candidate names with LoRA None / trained.
+
+    A ``@norm`` or ``@gen`` suffix picks the variant (see :mod:`mta_jax.eval.decoder_methods`);
+    ``random``/``bm25`` need no model. ``mta_adapt`` is not implemented for the decoder yet.
+    """
+    bb = workloads.load_decoder_backbone(config.model.path, config.model.dtype, False)
+    scorers, restored = {}, {}
+    for m in methods:
+        base_name, variant = decoder_methods.split_method(m)
+        if base_name in methods_lib.METHODS and base_name != "zero_shot":
+            if variant:
+                raise ValueError(f"method {m!r}: {base_name!r} has no decoder variants")
+            scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
+            continue
+        if base_name == "mta_adapt":
+            raise ValueError("mta_adapt is not implemented for decoder models")
+        lora = None
+        if base_name in TRAINED:
+            src = ft_workdir if (base_name == "ft" and ft_workdir is not None) else workdir
+            if src not in restored:
+                restored[src] = loop.restore_trained(src, bb.base, bb.name)[2]
+            lora = restored[src]
+        scorers[m] = decoder_methods.decoder_scorer(
+            variant, bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id, max_len=config.eval.max_len,
+            batch_size=config.eval.batch_size, log=log)
+    return bb.name, scorers
+
+
+def _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log) -> dict:
+    """Runs the scorers on the groups and writes ``results.{json,md,png}`` and ``run.json``."""
     results = metrics_lib.evaluate(scorers, groups, log=log)
     out = pathlib.Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,225 @@
+"""Decoder tool selection end to end: prompts, target loss, constrained scoring, greedy decoding, train + eval, PEFT export."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mta_jax.data import render
+from mta_jax.data.records import Catalogue, Tool
+from mta_jax.eval import decoder_methods, report
+from mta_jax.eval.sets import EvalItem, EvalSet
+from mta_jax.meta import losses
+from mta_jax.model import decoder, generate
+from mta_jax.tasks import prompts
+from mta_jax.train import evaluate, loop, workloads
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOOLS = [("weather_forecast", "Get the weather forecast for a city"),
+         ("calculator", "Evaluate arithmetic expressions"),
+         ("translate_text", "Translate text between languages"),
+         ("stock_price", "Live stock prices for a ticker symbol")]
+
+
+def tiny_decoder_config(**overrides):
+    spec = importlib.util.spec_from_file_location("tiny_decoder", REPO / "configs" / "tiny_decoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    bb = workloads.load_decoder_backbone(workloads.RANDOM_TINY_DECODER, "float32", False)
+    # O(1) logits: at init scale every next-token distribution is nearly flat and argmaxes are ties.
+    base = {**bb.base, "embed": bb.base["embed"] * 50.0}
+    return bb.name, bb.cfg, base, bb.tok, bb.eos_id
+
+
+def _tools():
+    return [Tool(f"t{i}", n, d, None, "x") for i, (n, d) in enumerate(TOOLS)]
+
+
+def test_prompt_target_span_is_exactly_the_gold_name(backbone):
+    _, _, _, tok, eos = backbone
+    tools = _tools()
+    prompt, target = render.decoder_prompt("convert 5 euros", tools[:3], tools[1])
+    enc = prompts.PromptEncoder(tok, 160, 12, eos).pairs([prompt], [target])
+    span = enc.ids[0][enc.target_mask[0] == 1].tolist()
+    assert span == tok.tokenize([" calculator"], add_special_tokens=False)[0] + [eos]
+    n = int(enc.mask[0].sum())
+    assert enc.target_mask[0, n - len(span):n].all() and not enc.target_mask[0, :n - len(span)].any()
+    assert enc.ids[0, :n - len(span)].tolist() == tok.tokenize([prompt])[0]  # untouched prompt
+    assert not enc.truncated[0] and (enc.ids[0, n:] == tok.pad_id).all()
+
+
+def test_truncation_cuts_the_prompt_front_never_the_target(backbone):
+    _, _, _, tok, eos = backbone
+    tools = _tools()
+    prompt, target = render.decoder_prompt("what is 17 times 23", tools, tools[1])
+    full = tok.tokenize([prompt])[0]
+    tgt = tok.tokenize([target], add_special_tokens=False)[0] + [eos]
+    L = len(full) + len(tgt) - 10
+    enc = prompts.PromptEncoder(tok, L, 12, eos).pairs([prompt], [target])
+    assert enc.truncated[0] and enc.mask[0].all()
+    assert enc.ids[0][enc.target_mask[0] == 1].tolist() == tgt
+    kept = enc.ids[0][:L - len(tgt)].tolist()
+    # BERT tokenizer: [CLS] stays first, [SEP] last; the 10 dropped tokens are the first text tokens.
+    assert kept == full[:1] + full[11:]
+    with pytest.raises(ValueError, match="max_target"):
+        prompts.PromptEncoder(tok, L, 2, eos).pairs([prompt], [target])
+
+
+def test_target_loss_matches_numpy_from_forward_logits(backbone):
+    _, cfg, base, tok, eos = backbone
+    tools = _tools()
+    pairs = [render.decoder_prompt(q, tools[:3], tools[g]) for q, g in (("rain in Oslo?", 0), ("2+2", 1))]
+    enc = prompts.PromptEncoder(tok, 80, 10, eos).pairs([p for p, _ in pairs], [t for _, t in pairs])
+    batch = {"ids": enc.ids, "mask": enc.mask, "target_mask": enc.target_mask}
+    loss, aux = losses.DecoderTargetLoss(cfg, max_target=10)(None, base, batch)
+    logits = np.asarray(decoder.forward(cfg, base, enc.ids, enc.mask), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll, count, all_right = 0.0, 0, []
+    for b in range(2):
+        pos = np.flatnonzero(enc.target_mask[b])
+        nll -= sum(logp[b, t - 1, enc.ids[b, t]] for t in pos)
+        count += len(pos)
+        all_right.append(all(logits[b, t - 1].argmax() == enc.ids[b, t] for t in pos))
+    np.testing.assert_allclose(float(loss), nll / count, rtol=1e-5)
+    assert float(aux["acc"]) == np.mean(all_right)
+
+
+def _eval_set(items, dataset="mini"):
+    return EvalSet("mini/test", dataset, Catalogue(tuple(_tools())), tuple(items))
+
+
+def test_constrained_scoring_picks_the_max_sequence_logprob(backbone):
+    _, cfg, base, tok, eos = backbone
+    tools = _tools()
+    item = EvalItem("a", "price of AAPL", ("t3",), ("t0", "t3", "t2"))
+    scores = decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=256,
+                                                batch_size=4)([_eval_set([item])])[0][0]
+    norm = decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=256, batch_size=4,
+                                              normalize=True)([_eval_set([item])])[0][0]
+    prompt, _ = render.decoder_prompt(item.query, [tools[0], tools[3], tools[2]])
+    ref, lengths = [], []
+    for c in (0, 3, 2):  # built by hand, scored by the model's full-logit reference
+        p = tok.tokenize([prompt])[0]
+        t = tok.tokenize([" " + tools[c].name], add_special_tokens=False)[0] + [eos]
+        ids = np.array([p + t], np.int32)
+        tm = np.array([[0] * len(p) + [1] * len(t)], np.int32)
+        ref.append(float(decoder.sequence_logprob(cfg, base, ids, np.ones_like(ids), tm)[0]))
+        lengths.append(len(t))
+    np.testing.assert_allclose(scores, ref, rtol=1e-5)
+    np.testing.assert_allclose(norm, np.array(ref) / lengths, rtol=1e-5)
+    assert len(set(np.round(ref, 4))) == 3 and int(np.argmax(scores)) == int(np.argmax(ref))
+
+
+def test_pool_items_are_an_error_for_the_decoder(backbone):
+    _, cfg, base, tok, eos = backbone
+    item = EvalItem("a", "price of AAPL", ("t3",), None)
+    with pytest.raises(ValueError, match="mini/test.*candidates=None"):
+        decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=256, batch_size=4)(
+            [_eval_set([item])])
+
+
+def test_greedy_equals_argmax_unrolled_forward(backbone):
+    _, cfg, base, tok, _ = backbone
+    rng = np.random.default_rng(0)
+    lengths, width, n = (7, 4, 9), 9, 5
+    rows = [rng.integers(1000, 2000, k).tolist() for k in lengths]
+    ref = []
+    for r in rows:
+        seq = list(r)
+        for _ in range(n):
+            logits = decoder.forward(cfg, base, jnp.array([seq]), jnp.ones((1, len(seq)), jnp.int32))
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        ref.append(seq[len(r):])
+    ids = np.zeros((3, width), np.int32)
+    mask = np.zeros((3, width), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    tokens, valid = generate.greedy(cfg, base, ids, mask, n, None)
+    assert np.asarray(tokens).tolist() == ref and np.asarray(valid).all()
+    # Row 1 stops after its 2nd token; the others run on, unaffected.
+    eos = ref[1][1]
+    tokens, valid = generate.greedy(cfg, base, ids, mask, n, eos)
+    for i in range(3):
+        stop = ref[i].index(eos) + 1 if eos in ref[i] else n
+        assert np.asarray(tokens)[i, :stop].tolist() == ref[i][:stop]
+        assert np.asarray(valid)[i].tolist() == [j < stop for j in range(n)]
+    with pytest.raises(ValueError, match="left padded"):
+        generate.greedy(cfg, base, ids[:, ::-1], mask[:, ::-1], n, None)
+
+
+def _write_dir(root: pathlib.Path, candidates) -> pathlib.Path:
+    root.mkdir()
+    (root / "tools.jsonl").write_text("".join(json.dumps({"tool_id": f"t{i}", "name": n, "description": d,
+                                                          "parameters": None, "category": "x"}) + "\n"
+                                              for i, (n, d) in enumerate(TOOLS)))
+    recs = [("a", "will it rain in Oslo tomorrow", ["t0"], ["t0", "t1", "t2"]),
+            ("b", "what is 17 times 23", ["t1"], ["t3", "t1"]),
+            ("c", "say hello in French", ["t2"], ["t2", "t3", "t0", "t1"]),
+            ("d", "nothing to do", [], ["t0", "t1"])]
+    (root / "test.jsonl").write_text("".join(json.dumps(
+        {"id": i, "query": q, "gold": g, "candidates": c if candidates else None, "meta": {}}) + "\n"
+        for i, q, g, c in recs))
+    return root
+
+
+def test_train_and_eval_end_to_end(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    config = tiny_decoder_config(steps=2)
+    state = loop.train(config, wd, str(data_dir))
+    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and np.isfinite(rows[0]["outer/loss"])
+    # Random weights over a ~30k vocabulary: the loss starts near log(V).
+    assert abs(rows[0]["outer/loss"] - np.log(30522)) < 1.5
+    assert int(jax.device_get(state.step)) == 2
+    mini = _write_dir(tmp_path / "mini", candidates=True)
+    methods = ("random", "zero_shot", "mta", "mta@norm", "mta@gen")
+    results = evaluate.run(config, wd, methods, [str(mini)], data_dir=str(data_dir), log=lambda s: None)
+    stored = report.read_results(wd / "eval" / "results.json")  # validates the schema
+    assert stored == json.loads(json.dumps(results))
+    assert set(results) == {"mini/test"} and set(results["mini/test"]) == set(methods)
+    for m in methods:
+        e = results["mini/test"][m]
+        assert e["n"] == 3 and e["skipped_empty_gold"] == 1 and 0 <= e["accuracy"] <= 1
+    pool = _write_dir(tmp_path / "pool", candidates=False)
+    with pytest.raises(ValueError, match="pool/test.*candidates=None"):
+        evaluate.run(config, wd, ("zero_shot",), [str(pool)], data_dir=str(data_dir), log=lambda s: None)
+
+
+def test_export_peft_launch_on_tiny_encoder_run(tmp_path, data_dir):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    wd, out = tmp_path / "enc", tmp_path / "peft"
+    env = {**os.environ}
+    for script, args in (("train.py", ["--config", str(REPO / "configs/tiny.py"), "--workdir", str(wd),
+                                       "--config.steps=1", "--config.log_every=1", f"--data_dir={data_dir}"]),
+                         ("export_peft.py", [f"--workdir={wd}", f"--out={out}"])):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 2 and conf["base_model_name_or_path"] == "random-tiny"
+    tensors = safetensors_numpy.load_file(str(out / "adapter_model.safetensors"))
+    base = workloads.load_backbone("random-tiny", "float32", False)[2]
+    _, _, lora = loop.restore_trained(wd, base, "random-tiny")
+    a = np.asarray(lora.tree["layers"]["attn"]["q"]["a"])  # first_layer=1 of 2: one adapted layer
+    key = "base_model.model.encoder.layer.1.attention.self.query.lora_A.weight"
+    np.testing.assert_array_equal(tensors[key], a[0].T)
+    assert len(tensors) == 2 * 6  # q, k, v, o, up, down on one layer, A and B each
