@@ -17,7 +17,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.steps = 300
+    c.steps = 100
     c.log_every = 10
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(kind="encoder", path="", dtype="float32", remat=False))  # "" = packaged MiniLM
     c.loss = ml_collections.ConfigDict(dict(scale=20.0))
     c.data = ml_collections.ConfigDict(dict(
-        datasets=("metatool", "toollens"), doc_style="name_desc", query_len=40, doc_len=48))
+        datasets=("metatool", "toollens"), doc_style="full_name_desc", query_len=40, doc_len=48))
     c.episode = ml_collections.ConfigDict(dict(
         tools_per_episode=8, support=5, query=5, candidates=5, regime="mixed",
         dataset_weighting="uniform"))

@@ -45,3 +45,11 @@ def test_lora_changes_embeddings_and_caches_are_per_text(tiny):
     np.testing.assert_array_equal(again, a[::-1])
     with pytest.raises(ValueError):
         plain([])
+
+
+def test_pool_gradient_is_finite_for_all_padding_rows():
+    h = jax.random.normal(jax.random.key(0), (3, 4, 8))
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])  # row 1: an empty (padding) doc
+    g = jax.grad(lambda h: encoder.pool(h, mask)[0].sum() + encoder.pool(h, mask)[1].sum())(h)
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(encoder.pool(h, mask)[1]), 0.0)

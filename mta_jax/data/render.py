@@ -39,7 +39,15 @@ def _toollens_full_name(tool: Tool) -> str:
     return f"{_extra('tool_name', 'tool_name_desc')(tool)} / {tool.name}: {tool.description}"
 
 
+def _full_name_desc(tool: Tool) -> str:
+    """``"{tool_name} / {name}: {description}"`` where the dataset names the owning tool (ToolLens'
+    RapidAPI tool), else the reference ``"{name}: {description}"`` — usable on every dataset."""
+    owner = tool.extras.get("tool_name") if tool.extras else None
+    return f"{owner} / {_name_desc(tool)}" if owner else _name_desc(tool)
+
+
 TOOL_TEXT_STYLES: Mapping[str, Callable[[Tool], str]] = {
+    "full_name_desc": _full_name_desc,
     "name_desc": _name_desc,
     "name_desc_params": _name_desc_params,
     "doc_text": _extra("doc_text", "doc_text"),

@@ -280,7 +280,10 @@ def pool(h: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked mean over tokens, then L2 normalisation (the sentence-transformers recipe): ``(B, D)``."""
     m = mask.astype(h.dtype)[..., None]
     mean = (h * m).sum(-2) / jnp.maximum(m.sum(-2), 1e-9)  # clamp as sentence-transformers does
-    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)  # torch F.normalize
+    # torch F.normalize's max(||x||, 1e-12), written so the gradient stays finite for all-padding rows
+    # (the gradient of a norm at 0 is NaN, and 0 * NaN would poison every other row's gradient).
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(mean * mean, axis=-1, keepdims=True), 1e-24))
+    return mean / norm
 
 
 def encode(cfg: EncoderConfig, params: dict, ids: jax.Array, mask: jax.Array,

@@ -46,7 +46,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       The results dict (also written to disk).
     """
     is_decoder = config.model.kind == "decoder"
-    unknown = sorted({decoder_methods.split_method(m)[0] if is_decoder else m for m in methods}
+    unknown = sorted({decoder_methods.split_method(m)[0] if is_decoder else _encoder_method(m)[0]
+                      for m in methods}
                      - set(methods_lib.METHODS) - set(TRAINED))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from "
@@ -70,8 +71,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
                                         max_len=config.eval.max_len, batch_size=config.eval.batch_size)
     scorers = {}
     for m in methods:
-        if m == "zero_shot":
-            scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(None))
+        if _encoder_method(m)[0] == "zero_shot":  # "zero_shot@STYLE": another doc rendering
+            render = functools.partial(tool_text, style=_encoder_method(m)[1] or "name_desc")
+            scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(None), render=render)
         elif m in ("mta", "ft"):
             settings, _, lora = trained[m]
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
@@ -83,6 +85,15 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
+
+
+def _encoder_method(name: str) -> tuple[str, str | None]:
+    """``"zero_shot@full_name_desc"`` -> ``("zero_shot", "full_name_desc")``: the pretrained encoder
+    with another doc rendering (trained methods always use the rendering they were trained with)."""
+    base, _, style = name.partition("@")
+    if style and base != "zero_shot":
+        raise ValueError(f"method {name!r}: only zero_shot takes a @doc_style suffix")
+    return base, style or None
 
 
 def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, dict]:
