@@ -4,8 +4,10 @@ Command (2 CPU cores; the README's first command runs it together with the FT ba
   python launch/train.py --config configs/minilm_mta.py --workdir runs/minilm_mta
   python launch/eval.py  --config configs/minilm_mta.py --workdir runs/minilm_mta \
       --methods=random,bm25,zero_shot,mta
-Expected runtime: see BUILD_NOTES.md "Main job" (measured, not guessed).
-Expected metric: see BUILD_NOTES.md "Results" for the measured table on unseen test tools.
+Expected runtime (2 CPU cores, measured): training 5.5 min (100 steps, 2.9 s/step after an ~8 s data
+prep and compilation); evaluating the default methods on the nine test sets ~10 min.
+Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4): MetaTool SD 88.5 ± 0.3 /
+CD 91.0 ± 0.4, ToolLens SD 50.6 ± 0.4 / CD 73.5 ± 0.2; full table in BUILD_NOTES.md "Results".
 
 Meta-task: an episode is a tool subset of one train domain (SD) or mixed domains (CD) with support
 and query items whose 5 candidates come from that subset; the inner loop adapts the LoRA tree on the

@@ -23,3 +23,20 @@ def data_dir() -> pathlib.Path:
     if not d or not pathlib.Path(d).is_dir():
         pytest.skip("benchmark data not available: set MTA_DATA_DIR")
     return pathlib.Path(d)
+
+
+def load_config(name: str, **overrides):
+    """``configs/<name>.py``'s ``get_config()`` with dotted overrides, e.g. ``**{"mesh.data": 1}``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, _REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

@@ -1,5 +1,4 @@
 """Decoder tool selection end to end: prompts, target loss, constrained scoring, greedy decoding, train + eval, PEFT export."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 
 from mta_jax.data import render
 from mta_jax.data.records import Catalogue, Tool
@@ -28,17 +28,7 @@ TOOLS = [("weather_forecast", "Get the weather forecast for a city"),
 
 
 def tiny_decoder_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny_decoder", REPO / "configs" / "tiny_decoder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return load_config("tiny_decoder", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The training loop on the tiny config: resume equality, sharded == single device, no retracing."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -8,6 +7,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import load_config
 
 from mta_jax.train import loop
 from mta_jax.train import metrics as metrics_lib
@@ -16,17 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return load_config("tiny", **overrides)
 
 
 def losses(workdir):
