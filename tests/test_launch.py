@@ -92,3 +92,23 @@ def test_train_without_data_fails_fast(tmp_path):
                check=False)
     assert proc.returncode != 0
     assert "MTA_DATA_DIR" in proc.stderr or "--data_dir" in proc.stderr
+
+
+def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
+    d = tmp_path / "adaptset"
+    d.mkdir()
+    names = ["weather", "stocks", "translate", "music"]
+    (d / "tools.jsonl").write_text("".join(json.dumps(
+        {"tool_id": n, "name": n, "description": f"{n} service", "parameters": None, "category": None}) + "\n"
+        for n in names))
+    recs = [{"id": f"{g}{k}", "query": f"please use {g} now {k}", "gold": [g],
+             "candidates": [g] + [n for n in names if n != g][:2], "meta": {}}
+            for g in names[:2] for k in range(4)]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
+        f"--ft_workdir={trained}", "--methods=mta,mta_adapt,ft_adapt", "--sets=", f"--eval_dirs={d}",
+        f"--data_dir={data_dir}")
+    results = report.read_results(trained / "eval" / "results.json")
+    assert set(results) == {"adaptset/test"}
+    row = results["adaptset/test"]
+    assert set(row) == {"mta", "mta_adapt", "ft_adapt"} and all(e["n"] == 8 for e in row.values())

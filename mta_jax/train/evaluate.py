@@ -5,6 +5,7 @@ itself never imports ``train/``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -25,7 +26,7 @@ from mta_jax.eval import sets as sets_lib
 from mta_jax.train import loop
 from mta_jax.train import workloads
 
-TRAINED = ("mta", "ft", "mta_adapt")
+TRAINED = ("mta", "ft", "mta_adapt", "ft_adapt")
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Sequence[str],
@@ -63,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     trained = {}
     for m in methods:
         if m in TRAINED:
-            src = ft_workdir if (m == "ft" and ft_workdir is not None) else workdir
+            src = ft_workdir if (m in ("ft", "ft_adapt") and ft_workdir is not None) else workdir
             trained[m] = loop.restore_trained(src, base, name)
     # Share the frozen bottom across methods: the lowest LoRA layer over all trained runs.
     first = min([s.lora.first_layer for s, _, _ in trained.values()] or [cfg.num_layers - 1])
@@ -82,6 +83,17 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             from mta_jax.eval import adapt as adapt_lib  # only this method needs the meta-learner
             s, meta_params, _ = trained[m]
             scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, shots=config.eval.adapt_shots)
+        elif m == "ft_adapt":
+            # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
+            # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
+            from mta_jax.eval import adapt as adapt_lib
+            ft_settings, _, ft_lora = trained[m]
+            mta_settings = loop.restore_trained(workdir, base, name)[0] if "mta_adapt" not in trained \
+                else trained["mta_adapt"][0]
+            if mta_settings.meta.inner.steps == 0:
+                raise ValueError(f"ft_adapt borrows the inner loop of {workdir}, which has inner_steps=0")
+            settings = dataclasses.replace(ft_settings, meta=mta_settings.meta)
+            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, shots=config.eval.adapt_shots)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
