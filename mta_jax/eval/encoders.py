@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mta_jax.eval.methods import EmbedFn
+from mta_jax.eval.methods import EmbedFn, length_batches
 from mta_jax.model import encoder
 
 BUCKETS = (16, 32, 64, 128, 256)
@@ -46,12 +46,7 @@ class SharedBottomEncoder:
 
     def _batches(self, lengths: np.ndarray):
         """Yields ``(rows, width)``: indices grouped into padded batches of similar length."""
-        bucket_of = np.searchsorted(self.lens, lengths)
-        for b_idx, width in enumerate(self.lens):
-            rows = np.flatnonzero(bucket_of == b_idx)
-            rows = rows[np.argsort(lengths[rows], kind="stable")]
-            for s in range(0, len(rows), self.batch_size):
-                yield rows[s:s + self.batch_size], width
+        return length_batches(lengths, self.lens, self.batch_size)
 
     def bottom_rows(self, texts: Sequence[str]) -> list[np.ndarray]:
         """The frozen-bottom hidden states of each text (computed once per text)."""

@@ -100,6 +100,17 @@ def embedding_scorer(embed_fn: EmbedFn, render: Callable = tool_text) -> Scorer:
     return score
 
 
+def length_batches(lengths: np.ndarray, widths: Sequence[int], batch_size: int):
+    """Yields ``(rows, width)``: row indices grouped into batches of at most ``batch_size`` texts
+    padded to the smallest width in ``widths`` (sorted) that holds them, shortest first."""
+    bucket_of = np.searchsorted(widths, lengths)  # smallest bucket >= length
+    for b_idx, width in enumerate(widths):
+        rows = np.flatnonzero(bucket_of == b_idx)
+        rows = rows[np.argsort(lengths[rows], kind="stable")]
+        for start in range(0, len(rows), batch_size):
+            yield rows[start:start + batch_size], width
+
+
 def make_embed_fn(apply_fn: Callable[[np.ndarray, np.ndarray], Any], tokenizer, max_len: int = 256,
                   batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS) -> EmbedFn:
     """Turns a batched ``(ids, mask) -> [B, D]`` model into a length-bucketed ``texts -> [N, D]``.
@@ -128,22 +139,17 @@ def make_embed_fn(apply_fn: Callable[[np.ndarray, np.ndarray], Any], tokenizer, 
             raise ValueError(f"tokenizer returned ids of shape {ids.shape} for {len(texts)} texts "
                              f"at max_len={max_len}")
         length = mask.sum(1)
-        bucket_of = np.searchsorted(lens, length)  # smallest bucket >= length
         out = None
-        for b_idx, width in enumerate(lens):
-            rows = np.flatnonzero(bucket_of == b_idx)
-            rows = rows[np.argsort(length[rows], kind="stable")]
-            for start in range(0, len(rows), batch_size):
-                sel = rows[start:start + batch_size]
-                b_ids = np.zeros((batch_size, width), np.int32)
-                b_mask = np.zeros((batch_size, width), np.int32)
-                w = min(width, ids.shape[1])
-                b_ids[:len(sel), :w] = ids[sel, :w]
-                b_mask[:len(sel), :w] = mask[sel, :w]
-                e = np.asarray(apply_fn(b_ids, b_mask))[:len(sel)]
-                if out is None:
-                    out = np.zeros((len(texts), e.shape[-1]), e.dtype)
-                out[sel] = e
+        for sel, width in length_batches(length, lens, batch_size):
+            b_ids = np.zeros((batch_size, width), np.int32)
+            b_mask = np.zeros((batch_size, width), np.int32)
+            w = min(width, ids.shape[1])
+            b_ids[:len(sel), :w] = ids[sel, :w]
+            b_mask[:len(sel), :w] = mask[sel, :w]
+            e = np.asarray(apply_fn(b_ids, b_mask))[:len(sel)]
+            if out is None:
+                out = np.zeros((len(texts), e.shape[-1]), e.dtype)
+            out[sel] = e
         return out
 
     return embed_fn

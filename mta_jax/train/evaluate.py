@@ -88,8 +88,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
             from mta_jax.eval import adapt as adapt_lib
             ft_settings, _, ft_lora = trained[m]
-            mta_settings = loop.restore_trained(workdir, base, name)[0] if "mta_adapt" not in trained \
-                else trained["mta_adapt"][0]
+            mta_run = next((trained[k] for k in ("mta", "mta_adapt") if k in trained), None)
+            mta_settings = (mta_run or loop.restore_trained(workdir, base, name))[0]
             if mta_settings.meta.inner.steps == 0:
                 raise ValueError(f"ft_adapt borrows the inner loop of {workdir}, which has inner_steps=0")
             settings = dataclasses.replace(ft_settings, meta=mta_settings.meta)
