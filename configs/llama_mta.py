@@ -9,16 +9,11 @@ Expected runtime and metric: not measured yet (no accelerator run has been made 
 
 Same recipe as ``configs/qwen2_mta.py`` (see its docstring for the field meanings and eval methods).
 """
-import importlib.util
-import pathlib
+from mta_jax import config_files
 
 
 def get_config(arg=None):
-    path = pathlib.Path(__file__).with_name("qwen2_mta.py")
-    spec = importlib.util.spec_from_file_location("qwen2_mta", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
+    c = config_files.sibling(__file__, "qwen2_mta", arg)
     c.tasks_per_step = 4    # larger models: fewer tasks per step
     c.outer.lr = 1e-4
     return c

@@ -10,20 +10,11 @@ ToolLens SD 52.3 ± 0.5 / CD 74.0 ± 0.1; full table in BUILD_NOTES.md "Results"
 Identical to minilm_mta (same data stream, steps, LoRA, optimiser) except `meta.algorithm = "pooled"`:
 the loss on support ∪ query items of each episode, so the comparison isolates the inner loop.
 """
-import importlib.util
-import pathlib
-
-
-def _mta():
-    path = pathlib.Path(__file__).with_name("minilm_mta.py")
-    spec = importlib.util.spec_from_file_location("minilm_mta", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from mta_jax import config_files
 
 
 def get_config(arg=None):
-    c = _mta().get_config(arg)
+    c = config_files.sibling(__file__, "minilm_mta", arg)
     c.meta.algorithm = "pooled"
     c.meta.inner_steps = 0
     c.eval.methods = ("ft",)

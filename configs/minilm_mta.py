@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sets=("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toollens/test_cd",
               "bfcl/multiple", "bfcl/live_multiple", "seal_tools/dev", "seal_tools/test_in_domain",
               "api_bank/level-1"),
-        max_len=256, adapt_shots=5, batch_size=128))
+        max_len=256, adapt_shots=5, batch_size=128, batch_tokens=8192))
     if arg:
         raise ValueError(f"minilm_mta takes no config argument, got {arg!r}")
     return c

@@ -6,16 +6,11 @@ Command:
 Expected runtime: ~10-30 s on 2 CPU cores (mostly compilation). Expected metric: none (random weights);
 it checks plumbing, shapes, checkpoints and the results schema, not accuracy.
 """
-import importlib.util
-import pathlib
+from mta_jax import config_files
 
 
 def get_config(arg=None):
-    path = pathlib.Path(__file__).with_name("minilm_mta.py")
-    spec = importlib.util.spec_from_file_location("minilm_mta", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(None)
+    c = config_files.sibling(__file__, "minilm_mta", None)
     c.steps = 4
     c.log_every = 2
     c.checkpoint_every = 2

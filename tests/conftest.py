@@ -27,12 +27,9 @@ def data_dir() -> pathlib.Path:
 
 def load_config(name: str, **overrides):
     """``configs/<name>.py``'s ``get_config()`` with dotted overrides, e.g. ``**{"mesh.data": 1}``."""
-    import importlib.util
+    from mta_jax import config_files
 
-    spec = importlib.util.spec_from_file_location(name, _REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = config_files.load(_REPO / "configs" / f"{name}.py")
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")

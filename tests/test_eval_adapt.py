@@ -1,10 +1,8 @@
 """``mta_adapt``: per-tool folds never put a scored item in its own support set; singletons fall back."""
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
+from conftest import load_config
 
 from mta_jax import meta
 from mta_jax.data.records import Catalogue, Tool
@@ -16,15 +14,10 @@ from mta_jax.train import loop
 from mta_jax.train import state as state_lib
 from mta_jax.train import workloads
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def setup():
-    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    s = state_lib.settings_from_config(mod.get_config())
+    s = state_lib.settings_from_config(load_config("tiny"))
     name, cfg, base, tok = workloads.load_backbone(s.model_path, "float32", False)
     adapter = lora_lib.init_lora(jax.random.key(0), base, s.lora)
     adapter = jax.tree.map(lambda x: x + 0.05, adapter)

@@ -72,6 +72,65 @@ def test_embedding_scorer_dedupes_and_uses_cosine():
     assert out[0][2].shape == (4,)
 
 
+def test_embedding_scorer_prepare_embeds_all_sets_once():
+    cat = _catalogue(5)
+    calls = []
+
+    def embed_fn(texts):
+        calls.append(list(texts))
+        return np.stack([np.random.default_rng(sum(map(ord, t))).normal(size=6) for t in texts])
+
+    g1 = (EvalSet("toy/a", "toy", cat, (EvalItem("a", "q one", ("t0",), ("t0", "t1")),)),)
+    g2 = (EvalSet("toy/b", "toy", cat, (EvalItem("b", "q one", ("t2",), ("t1", "t2", "t3")),
+                                         EvalItem("c", "q two", ("t4",), None))),)
+    ref = methods.embedding_scorer(embed_fn)
+    want = [ref(g1), ref(g2)]
+    assert len(calls) == 2  # one call per group without prepare
+    calls.clear()
+    scorer = methods.embedding_scorer(embed_fn)
+    scorer.prepare([g1, g2])
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(set(calls[0]))  # each text once
+    assert set(calls[0]) == set(methods.unique_texts([g1, g2])) and len(calls[0]) == 2 + 5
+    got = [scorer(g1), scorer(g2)]
+    assert len(calls) == 1  # scoring hits the cache
+    for w, g in zip(want, got):
+        for ws, gs in zip(w[0], g[0]):
+            np.testing.assert_allclose(gs, ws, rtol=1e-12)
+
+
+def test_evaluate_calls_prepare_once_before_scoring():
+    cat = _catalogue(3)
+    events = []
+
+    class Scorer:
+        def prepare(self, groups):
+            events.append(("prepare", len(groups)))
+
+        def __call__(self, group):
+            events.append(("score", group[0].label))
+            return [[np.arange(3.0) for _ in s.items] for s in group]
+
+    sets = {n: (EvalSet(n, "toy", cat, (EvalItem("a", "q", ("t2",), ("t0", "t1", "t2")),)),)
+            for n in ("toy/x", "toy/y")}
+    res = metrics.evaluate({"m": Scorer()}, sets)
+    assert events == [("prepare", 2), ("score", "toy/x"), ("score", "toy/y")]
+    assert res["toy/x"]["m"]["accuracy"] == 1.0
+
+
+def test_length_batches_cover_every_row_once_within_caps():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 257, 500)
+    widths = list(methods.DEFAULT_BUCKETS)
+    seen = []
+    for sel, width, n_rows in methods.length_batches(lengths, widths, batch_size=128, batch_tokens=4096):
+        assert 1 <= len(sel) <= n_rows == min(128, 4096 // width)
+        assert (lengths[sel] <= width).all()
+        lower = max([w for w in widths if w < width], default=0)
+        assert (lengths[sel] > lower).all()  # the smallest bucket that holds the text
+        seen.extend(sel.tolist())
+    assert sorted(seen) == list(range(500))
+
+
 class _ToyTokenizer:
     """Word-level: [CLS]=1 words... [SEP]=2, ids from a fixed hash; truncated to max_len incl. specials."""
 
@@ -97,10 +156,13 @@ def test_embed_fn_bucketing_invariance():
     got_a = methods.make_encoder_embed_fn(cfg, params, tok, max_len=max_len, batch_size=3,
                                           buckets=(8,))(texts)
     got_b = methods.make_encoder_embed_fn(cfg, params, tok, max_len=max_len, batch_size=16, buckets=())(texts)
+    got_c = methods.make_encoder_embed_fn(cfg, params, tok, max_len=max_len, batch_size=16, buckets=(8, 16),
+                                          batch_tokens=20)(texts)  # 2 rows at width 8, 1 at 16 and 24
     ids, mask = tok.encode(texts, max_len)
     # reference: one batch, every text padded to max_len (no bucketing, no sorting)
     ref = np.asarray(encoder.encode(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(got_a, ref, atol=1e-5)
     np.testing.assert_allclose(got_b, ref, atol=1e-5)
+    np.testing.assert_allclose(got_c, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got_a, axis=1), 1.0, atol=1e-5)
     assert mask.sum(1).max() == max_len  # the long texts were truncated, so that path ran too

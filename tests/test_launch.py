@@ -112,3 +112,17 @@ def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
     assert set(results) == {"adaptset/test"}
     row = results["adaptset/test"]
     assert set(row) == {"mta", "mta_adapt", "ft_adapt"} and all(e["n"] == 8 for e in row.values())
+
+
+def test_config_files_load_and_report_bad_paths(tmp_path):
+    from mta_jax import config_files
+
+    ft = config_files.load(REPO / "configs" / "minilm_ft.py")
+    mta = config_files.load(REPO / "configs" / "minilm_mta.py")
+    assert ft.meta.algorithm == "pooled" and mta.meta.algorithm == "maml"
+    assert ft.steps == mta.steps and ft.episode == mta.episode  # same budget and data stream
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        config_files.load(tmp_path / "nope.py")
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(AttributeError, match="bad.py defines no get_config"):
+        config_files.load(tmp_path / "bad.py")

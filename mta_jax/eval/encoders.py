@@ -5,7 +5,7 @@ hidden states after layer ``first_layer`` are computed once and each method runs
 top layers on them (at first_layer = 4 of 6, three methods cost 1.67 encoder passes instead of 3).
 Both caches are keyed by text, so the SD and CD sets of a dataset (same queries, other distractors)
 and the seeds of a protocol set embed each text once. Texts are bucketed by length so short texts
-do not pay for long padding; every call is padded to ``batch_size`` rows (one compile per bucket).
+do not pay for long padding; every call of a bucket has the same rows (one compile per bucket).
 """
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mta_jax.eval.methods import EmbedFn, length_batches
+from mta_jax.eval.methods import DEFAULT_BATCH_TOKENS, DEFAULT_BUCKETS, EmbedFn, length_batches
 from mta_jax.model import encoder
-
-BUCKETS = (16, 32, 64, 128, 256)
 
 
 class SharedBottomEncoder:
@@ -28,13 +26,17 @@ class SharedBottomEncoder:
       tokenizer: ``encode(texts, max_len) -> (ids, mask)``.
       first_layer: layers ``[0, first_layer)`` are shared (no LoRA may sit there).
       max_len: truncation length (256 = sentence-transformers' setting for MiniLM).
-      batch_size: rows per compiled call.
+      batch_size: most rows per compiled call.
+      buckets: padded lengths (see :func:`~mta_jax.eval.methods.make_embed_fn`).
+      batch_tokens: cap on rows x bucket per call (None: always ``batch_size`` rows).
     """
 
     def __init__(self, cfg: encoder.EncoderConfig, base: dict, tokenizer, first_layer: int,
-                 max_len: int = 256, batch_size: int = 64, buckets: Sequence[int] = BUCKETS):
+                 max_len: int = 256, batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 batch_tokens: int | None = DEFAULT_BATCH_TOKENS):
         self.cfg, self.base, self.tok = cfg, base, tokenizer
         self.first_layer, self.max_len, self.batch_size = first_layer, max_len, batch_size
+        self.batch_tokens = batch_tokens
         self.lens = sorted({b for b in buckets if b < max_len} | {max_len})
         self._bottom = jax.jit(lambda b, i, m: encoder.run_layers(
             cfg, b, encoder.embed(cfg, b, i), m, stop=first_layer))
@@ -45,8 +47,8 @@ class SharedBottomEncoder:
         self._loras: dict[int, object] = {}                 # keeps keyed LoRA trees alive
 
     def _batches(self, lengths: np.ndarray):
-        """Yields ``(rows, width)``: indices grouped into padded batches of similar length."""
-        return length_batches(lengths, self.lens, self.batch_size)
+        """Yields ``(rows, width, n_rows)``: indices grouped into padded batches of similar length."""
+        return length_batches(lengths, self.lens, self.batch_size, self.batch_tokens)
 
     def bottom_rows(self, texts: Sequence[str]) -> list[np.ndarray]:
         """The frozen-bottom hidden states of each text (computed once per text)."""
@@ -54,9 +56,9 @@ class SharedBottomEncoder:
         if todo:
             ids, mask = self.tok.encode(todo, self.max_len)
             lengths = mask.sum(1)
-            for sel, width in self._batches(lengths):
-                b_ids = np.zeros((self.batch_size, width), np.int32)
-                b_mask = np.zeros((self.batch_size, width), np.int32)
+            for sel, width, n_rows in self._batches(lengths):
+                b_ids = np.zeros((n_rows, width), np.int32)
+                b_mask = np.zeros((n_rows, width), np.int32)
                 w = min(width, ids.shape[1])
                 b_ids[:len(sel), :w], b_mask[:len(sel), :w] = ids[sel, :w], mask[sel, :w]
                 h = np.asarray(self._bottom(self.base, b_ids, b_mask))
@@ -78,9 +80,9 @@ class SharedBottomEncoder:
             if todo:
                 rows = self.bottom_rows(todo)
                 lengths = np.asarray([len(r) for r in rows])
-                for sel, width in self._batches(lengths):
-                    h = np.zeros((self.batch_size, width, self.cfg.hidden_size), np.float32)
-                    m = np.zeros((self.batch_size, width), np.int32)
+                for sel, width, n_rows in self._batches(lengths):
+                    h = np.zeros((n_rows, width, self.cfg.hidden_size), np.float32)
+                    m = np.zeros((n_rows, width), np.int32)
                     for r, i in enumerate(sel):
                         h[r, :lengths[i]], m[r, :lengths[i]] = rows[i], 1
                     e = np.asarray(self._top(self.base, lora, h, m))

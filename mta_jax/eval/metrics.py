@@ -29,7 +29,9 @@ RECALL_K = 5
 NDCG_K = 10
 
 # A method scores every set of a group (e.g. the 5 seeds of a protocol set) in one call, so
-# embedding methods can embed each unique text once across seeds.
+# embedding methods can embed each unique text once across seeds. A scorer may also have a
+# ``prepare(groups)`` method, called once with every group before any scoring (embedding methods
+# embed all texts of the run there, in full batches).
 Scorer = Callable[[Sequence["EvalSet"]], list[list[np.ndarray]]]
 
 
@@ -158,13 +160,21 @@ def evaluate(methods: Mapping[str, Scorer], sets: Mapping[str, Sequence[EvalSet]
       log: optional callback receiving one progress line per (set, method).
 
     Returns:
-      ``{set name: {method name: entry}}`` with entries as in :func:`aggregate` plus ``seconds``.
+      ``{set name: {method name: entry}}`` with entries as in :func:`aggregate` plus ``seconds``
+      (scoring time; a scorer's ``prepare`` time is logged, not counted there).
     """
+    for set_name, group in sets.items():
+        if not tuple(group):
+            raise ValueError(f"eval set {set_name!r} has no sets")
+    for method_name, scorer in methods.items():
+        if hasattr(scorer, "prepare"):
+            t0 = time.perf_counter()
+            scorer.prepare([tuple(g) for g in sets.values()])
+            if log is not None:
+                log(f"{method_name}: prepared all sets in {time.perf_counter() - t0:.1f}s")
     results: dict = {}
     for set_name, group in sets.items():
         group = tuple(group)
-        if not group:
-            raise ValueError(f"eval set {set_name!r} has no sets")
         results[set_name] = {}
         for method_name, scorer in methods.items():
             t0 = time.perf_counter()

@@ -68,8 +68,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             trained[m] = loop.restore_trained(src, base, name)
     # Share the frozen bottom across methods: the lowest LoRA layer over all trained runs.
     first = min([s.lora.first_layer for s, _, _ in trained.values()] or [cfg.num_layers - 1])
-    bank = encoders.SharedBottomEncoder(cfg, base, tok, first_layer=first,
-                                        max_len=config.eval.max_len, batch_size=config.eval.batch_size)
+    bank = encoders.SharedBottomEncoder(cfg, base, tok, first_layer=first, max_len=config.eval.max_len,
+                                        batch_size=config.eval.batch_size,
+                                        batch_tokens=config.eval.batch_tokens)
     scorers = {}
     for m in methods:
         if _encoder_method(m)[0] == "zero_shot":  # "zero_shot@STYLE": another doc rendering
@@ -96,6 +97,14 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, shots=config.eval.adapt_shots)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
+    # One frozen-bottom pass over every text any embedding method will see, in full batches.
+    renders = [s.render for s in scorers.values() if isinstance(s, methods_lib.EmbeddingScorer)]
+    if renders:
+        t1 = time.perf_counter()
+        texts = list(dict.fromkeys(t for r in renders for t in methods_lib.unique_texts(
+            [tuple(g) for g in groups.values()], r)))
+        bank.bottom_rows(texts)
+        log(f"frozen bottom ({first} layers) over {len(texts)} texts in {time.perf_counter() - t1:.1f}s")
     return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
 
 
