@@ -190,3 +190,31 @@ def test_pooled_is_gradient_of_mean_support_query_loss(x64):
     np.testing.assert_allclose(np.asarray(g["w"]), want_g, atol=1e-12)
     np.testing.assert_allclose(loss, want_l, rtol=1e-12)
     np.testing.assert_allclose(metrics["inner/loss_pre"], np.mean([quad(theta, s) for s in ss]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_support_weight_adds_the_pre_adaptation_support_gradient(x64, n, first_order):
+    rng = x64
+    s, q, w0 = _task(rng), _task(rng), jnp.asarray(rng.normal(size=D))
+    cfg = meta.InnerConfig(steps=n, lr=ALPHA, first_order=first_order)
+    lam = 0.7
+    got = jax.grad(meta.task_loss)(w0, quad, s, q, cfg, support_weight=lam)
+    want = _closed_form(w0, s, q, n, first_order) + lam * (np.asarray(s["A"]) @ np.asarray(w0) - np.asarray(s["b"]))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-9)
+    value = meta.task_loss(w0, quad, s, q, cfg, support_weight=lam)
+    np.testing.assert_allclose(value, meta.task_loss(w0, quad, s, q, cfg) + lam * quad(w0, s), rtol=1e-12)
+    # Through the algorithm registry (has_aux path): the same gradient, task-averaged.
+    aux_quad = lambda w, b: (quad(w, b), {"l": quad(w, b)})
+    algo = meta.MetaConfig("fomaml" if first_order else "maml", meta.InnerConfig(steps=n, lr=ALPHA),
+                           support_weight=lam)
+    stack = lambda t: jax.tree.map(lambda x: x[None], t)
+    _, grads, _ = meta.ALGORITHMS[algo.name].outer(w0, aux_quad, stack(s), stack(q), algo)
+    np.testing.assert_allclose(np.asarray(grads), want, rtol=0, atol=1e-9)
+
+
+def test_support_weight_rejected_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match="support_weight applies to the MAML family"):
+        meta.MetaConfig("reptile", support_weight=0.5)
+    with pytest.raises(ValueError, match="support_weight must be >= 0"):
+        meta.MetaConfig("maml", support_weight=-1.0)

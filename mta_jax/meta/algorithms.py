@@ -31,6 +31,8 @@ class MetaConfig:
       task_chunk: ``None`` vmaps all tasks at once; ``k`` runs ``k`` tasks at a time (less memory).
       post_loss: MAML-family metrics include ``inner/loss_post`` (one extra support forward per
         task; turn off when timing against loops that do not log it).
+      support_weight: MAML family (maml, fomaml, anil, meta_sgd): the outer objective adds
+        ``support_weight * L_s(theta)``, the support loss before adaptation (0: plain MAML).
     """
 
     name: str = "maml"
@@ -39,6 +41,7 @@ class MetaConfig:
     imaml_cg_steps: int = 5
     task_chunk: int | None = None
     post_loss: bool = True
+    support_weight: float = 0.0
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
@@ -47,6 +50,10 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.imaml_lambda must be > 0, got {self.imaml_lambda!r}")
         if self.imaml_cg_steps < 1:
             raise ValueError(f"MetaConfig.imaml_cg_steps must be >= 1, got {self.imaml_cg_steps!r}")
+        if self.support_weight < 0:
+            raise ValueError(f"MetaConfig.support_weight must be >= 0, got {self.support_weight!r}")
+        if self.support_weight and self.name in ("reptile", "imaml", "pooled"):
+            raise ValueError(f"MetaConfig.support_weight applies to the MAML family, not {self.name!r}")
         if self.task_chunk is not None and self.task_chunk < 1:
             raise ValueError(f"MetaConfig.task_chunk must be >= 1 or None, got {self.task_chunk!r}")
         if self.name == "anil" and self.inner.adapt_pattern is None:
@@ -101,7 +108,7 @@ def _maml_inner(cfg: MetaConfig) -> InnerConfig:
 def _maml_outer(meta_params, loss_fn, supports, queries, cfg):
     inner = _maml_inner(cfg)
     f = lambda p: meta_loss(p, loss_fn, supports, queries, inner, has_aux=True, task_chunk=cfg.task_chunk,
-                           post_loss=cfg.post_loss)
+                           post_loss=cfg.post_loss, support_weight=cfg.support_weight)
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
     return loss, grads, metrics
 
@@ -119,7 +126,8 @@ def _msgd_init(params, cfg):
 
 def _msgd_outer(meta_params, loss_fn, supports, queries, cfg):
     f = lambda mp: meta_loss(mp["init"], loss_fn, supports, queries, cfg.inner, has_aux=True,
-                             lrs=mp["lr"], task_chunk=cfg.task_chunk, post_loss=cfg.post_loss)
+                             lrs=mp["lr"], task_chunk=cfg.task_chunk, post_loss=cfg.post_loss,
+                             support_weight=cfg.support_weight)
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
     return loss, grads, metrics
 

@@ -25,8 +25,14 @@ def _mean_metrics(aux: dict | None, prefix: str) -> dict:
 
 
 def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, cfg: InnerConfig, *,
-              has_aux: bool = False, lrs: PyTree | None = None, post_loss: bool = True):
+              has_aux: bool = False, lrs: PyTree | None = None, post_loss: bool = True,
+              support_weight: float = 0.0):
     """Adapts ``params`` on ``support`` and returns the loss of the adapted parameters on ``query``.
+
+    With ``support_weight = w > 0`` the objective is ``L_q(adapt(theta)) + w * L_s(theta)``: the
+    support items also train the initialisation directly, as they do in pooled fine-tuning, so
+    every labelled item of the episode reaches the outer gradient. ``L_s(theta)`` is the value the
+    first inner step computes anyway (no extra forward pass).
 
     Args:
       params: the initialisation ``theta`` (any pytree).
@@ -38,20 +44,25 @@ def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, c
       lrs: Meta-SGD per-leaf inner rates (see :func:`~mta_jax.meta.inner.adapt`).
       post_loss: with ``has_aux``, also report ``inner/loss_post``, which costs one extra support
         forward pass (its gradient is never taken).
+      support_weight: weight of the pre-adaptation support loss in the objective (0: MAML).
 
     Returns:
       The query loss, or ``(loss, metrics)`` with ``has_aux``: ``metrics`` holds
       ``inner/loss_pre`` and (if ``post_loss``) ``inner/loss_post``, the support loss before and
       after adaptation, and every query aux entry as ``outer/<key>``.
     """
-    if not has_aux:
+    if not has_aux and not support_weight:
         return loss_fn(adapt(params, loss_fn, support, cfg, lrs=lrs), query)
-    adapted, inner = adapt(params, loss_fn, support, cfg, has_aux=True, return_aux=True, lrs=lrs)
-    loss, qaux = call_loss(loss_fn, adapted, query, True)
+    adapted, inner = adapt(params, loss_fn, support, cfg, has_aux=has_aux, return_aux=True, lrs=lrs)
+    loss, qaux = call_loss(loss_fn, adapted, query, has_aux)
     if cfg.steps > 0:
-        pre = inner.losses[0]
+        pre = inner.losses[0]  # L_s(theta), differentiable: the first step's forward
     else:
-        pre, _ = call_loss(loss_fn, params, support, True)
+        pre, _ = call_loss(loss_fn, params, support, has_aux)
+    if support_weight:
+        loss = loss + support_weight * pre
+    if not has_aux:
+        return loss
     metrics = {"inner/loss_pre": jax.lax.stop_gradient(pre)}
     if post_loss:
         post = pre if cfg.steps == 0 else call_loss(loss_fn, jax.lax.stop_gradient(adapted), support, True)[0]
@@ -96,7 +107,7 @@ def map_tasks(fn, supports: PyTree, queries: PyTree, task_chunk: int | None = No
 
 def meta_loss(params: PyTree, loss_fn: LossFn, supports: PyTree, queries: PyTree, cfg: InnerConfig, *,
               has_aux: bool = False, lrs: PyTree | None = None, task_chunk: int | None = None,
-              post_loss: bool = True):
+              post_loss: bool = True, support_weight: float = 0.0):
     """Mean of :func:`task_loss` over the leading task axis of ``supports`` / ``queries``.
 
     Args:
@@ -108,12 +119,12 @@ def meta_loss(params: PyTree, loss_fn: LossFn, supports: PyTree, queries: PyTree
       has_aux: ``loss_fn`` returns ``(loss, aux)``; then returns ``(loss, metrics)`` averaged over tasks.
       lrs: Meta-SGD per-leaf inner rates.
       task_chunk: see :func:`map_tasks`.
-      post_loss: see :func:`task_loss`.
+      post_loss, support_weight: see :func:`task_loss`.
 
     Returns:
       The mean query loss after adaptation (and the mean metrics with ``has_aux``).
     """
     out = map_tasks(lambda s, q: task_loss(params, loss_fn, s, q, cfg, has_aux=has_aux, lrs=lrs,
-                                             post_loss=post_loss),
+                                             post_loss=post_loss, support_weight=support_weight),
                     supports, queries, task_chunk)
     return jax.tree.map(jnp.mean, out)

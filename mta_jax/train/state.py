@@ -79,7 +79,8 @@ def meta_config(m: ml_collections.ConfigDict) -> meta.MetaConfig:
                              optimizer=m.inner_optimizer, clip_norm=m.inner_clip or None,
                              adapt_pattern=m.adapt_pattern or None)
     return meta.MetaConfig(name=m.algorithm, inner=inner, imaml_lambda=m.imaml_lambda,
-                           imaml_cg_steps=m.imaml_cg_steps, task_chunk=m.task_chunk or None)
+                           imaml_cg_steps=m.imaml_cg_steps, task_chunk=m.task_chunk or None,
+                           support_weight=m.get("support_weight", 0.0))  # absent in older workdirs
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
