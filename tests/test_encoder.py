@@ -135,14 +135,29 @@ def test_run_layers_split_equals_full_forward():
         enc.run_layers(TINY, params, h0, mask, start=2, stop=1)
 
 
-def test_remat_gives_same_values_and_grads():
+@pytest.mark.parametrize("remat,unroll", [(True, 1), ("dots_with_no_batch_dims_saveable", 1), (False, 2)])
+def test_remat_and_unroll_give_same_values_and_second_order_grads(remat, unroll):
     params = enc.init_params(TINY, jax.random.key(3))
     ids, mask, _ = _tiny_batch(np.random.default_rng(3))
-    loss = lambda cfg: jax.value_and_grad(lambda p: enc.encode(cfg, p, ids, mask).sum())(params)
+    lora = lora_lib.init_lora(jax.random.key(1), params, lora_lib.LoRAConfig(rank=2))
+    lora = dataclasses.replace(lora, tree=jax.tree.map(lambda x: x + 0.1, lora.tree))
+
+    def loss(cfg):  # a MAML-like objective: grad of a function of a gradient
+        f = lambda lo: jnp.sum(enc.encode(cfg, params, ids, mask, lo) ** 3)
+        g = lambda lo: f(jax.tree.map(lambda a, b: a - 0.1 * b, lo, jax.grad(f)(lo)))
+        return jax.value_and_grad(g)(lora)
+
     v1, g1 = loss(TINY)
-    v2, g2 = loss(dataclasses.replace(TINY, remat=True))
+    v2, g2 = loss(dataclasses.replace(TINY, remat=remat, scan_unroll=unroll))
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+
+
+def test_remat_policy_name_is_checked():
+    params = enc.init_params(TINY, jax.random.key(3))
+    ids, mask, _ = _tiny_batch(np.random.default_rng(3))
+    with pytest.raises(ValueError, match="'dots_saveabel' is neither a bool nor a jax.checkpoint_policies"):
+        enc.encode(dataclasses.replace(TINY, remat="dots_saveabel"), params, ids, mask)
 
 
 def test_padding_is_masked():

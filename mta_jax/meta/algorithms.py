@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mta_jax.meta.inner import InnerConfig, LossFn, adapt
-from mta_jax.meta.outer import map_tasks, meta_loss
+from mta_jax.meta.outer import map_tasks, task_loss
 
 PyTree = Any
 
@@ -99,18 +99,32 @@ def _sg(tree):
     return jax.lax.stop_gradient(tree)
 
 
-# --- MAML family: the gradient of meta_loss (second order, first order, subset). -------------
+# --- MAML family: the gradient of task_loss, per task (second order, first order, subset). ----
 
 def _maml_inner(cfg: MetaConfig) -> InnerConfig:
     return dataclasses.replace(cfg.inner, first_order=True) if cfg.name == "fomaml" else cfg.inner
 
 
+def _per_task_grads(loss_of_params, meta_params, supports, queries, cfg):
+    """Task-mean ``(loss, grads, metrics)`` of ``loss_of_params(meta_params, s, q) -> (loss, metrics)``.
+
+    Each task's gradient is taken inside the task map and only the gradients are averaged, so with
+    ``task_chunk = k`` the peak memory is one chunk's second-order graph (as in a PyTorch loop that
+    calls ``backward`` per task), not the graph of every task: differentiating *through* a
+    sequential map over tasks would keep the residuals of all of them for the backward pass.
+    """
+    def per_task(s, q):
+        (loss, metrics), grads = jax.value_and_grad(loss_of_params, has_aux=True)(meta_params, s, q)
+        return loss, grads, metrics
+
+    return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+
+
 def _maml_outer(meta_params, loss_fn, supports, queries, cfg):
     inner = _maml_inner(cfg)
-    f = lambda p: meta_loss(p, loss_fn, supports, queries, inner, has_aux=True, task_chunk=cfg.task_chunk,
-                           post_loss=cfg.post_loss, support_weight=cfg.support_weight)
-    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
-    return loss, grads, metrics
+    f = lambda p, s, q: task_loss(p, loss_fn, s, q, inner, has_aux=True, post_loss=cfg.post_loss,
+                                  support_weight=cfg.support_weight)
+    return _per_task_grads(f, meta_params, supports, queries, cfg)
 
 
 def _maml_adapt(meta_params, loss_fn, support, cfg):
@@ -125,11 +139,9 @@ def _msgd_init(params, cfg):
 
 
 def _msgd_outer(meta_params, loss_fn, supports, queries, cfg):
-    f = lambda mp: meta_loss(mp["init"], loss_fn, supports, queries, cfg.inner, has_aux=True,
-                             lrs=mp["lr"], task_chunk=cfg.task_chunk, post_loss=cfg.post_loss,
-                             support_weight=cfg.support_weight)
-    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(meta_params)
-    return loss, grads, metrics
+    f = lambda mp, s, q: task_loss(mp["init"], loss_fn, s, q, cfg.inner, has_aux=True, lrs=mp["lr"],
+                                   post_loss=cfg.post_loss, support_weight=cfg.support_weight)
+    return _per_task_grads(f, meta_params, supports, queries, cfg)
 
 
 def _msgd_adapt(meta_params, loss_fn, support, cfg):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mta_jax.model.lora import LAYERS, LoRADense, LoRAParams, num_lora_layers, path_str
+from mta_jax.model.remat import checkpoint_layer
 
 # Large but finite: a fully masked row (a left-pad query) softmaxes to uniform instead of NaN.
 _MASKED = -1e30
@@ -62,7 +63,7 @@ class DecoderConfig:
     max_position: int = 4096
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False
     arch: str = "llama"
     rope_scaling: RopeScaling | None = None
 
@@ -254,8 +255,7 @@ def _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed):
         variables = {"params": p} if lo is None else {"params": p, "lora": lo}
         return block.apply(variables, h, cos, sin, allowed), None
 
-    if cfg.remat:
-        body = jax.checkpoint(body, prevent_cse=False)  # scan already stops CSE across steps
+    body = checkpoint_layer(body, cfg.remat)
     return jax.lax.scan(body, x, (layers, lora_layers))[0]
 
 

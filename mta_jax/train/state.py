@@ -46,7 +46,7 @@ class Settings:
     model_kind: str
     model_path: str
     model_dtype: str
-    remat_layers: bool
+    remat_layers: bool | str
     loss_scale: float
     data: DataSettings
     episode: episodes.EpisodeConfig

@@ -32,7 +32,7 @@ RANDOM_TINY = "random-tiny"
 RANDOM_TINY_DECODER = "random-tiny-decoder"
 
 
-def load_backbone(model_path: str, dtype: str, remat: bool):
+def load_backbone(model_path: str, dtype: str, remat: bool | str):
     """Returns ``(name, cfg, base, tokenizer)`` for a local HF BERT folder or the packaged MiniLM.
 
     ``model_path == "random-tiny"`` builds a 2-layer, width-32 BERT with random weights (seed 0) and
@@ -140,7 +140,7 @@ def _eos_id(model_dir: pathlib.Path, tok: tokenize.Tokenizer) -> int:
     return tok.token_to_id(token)
 
 
-def load_decoder_backbone(model_path: str, dtype: str, remat: bool) -> DecoderBackbone:
+def load_decoder_backbone(model_path: str, dtype: str, remat: bool | str) -> DecoderBackbone:
     """Loads a local HF Llama / Qwen2 folder, or the random test model.
 
     ``model_path == "random-tiny-decoder"`` builds a 2-layer, width-32 Qwen2-style decoder (GQA 4:2,
