@@ -3,7 +3,7 @@
 Command:
   python launch/train.py --config configs/minilm_ft.py --workdir runs/minilm_ft
   python launch/eval.py  --config configs/minilm_ft.py --workdir runs/minilm_ft --methods=ft
-Expected runtime (2 CPU cores, measured): training 2.6 min (100 steps, 1.5 s/step).
+Expected runtime (2 CPU cores, measured): training 2 min (100 steps, ~1.2 s/step).
 Expected metric (ft, top-1 %, unseen test tools): MetaTool SD 88.4 ± 0.2 / CD 91.1 ± 0.1,
 ToolLens SD 52.3 ± 0.5 / CD 74.0 ± 0.1; full table in BUILD_NOTES.md "Results".
 

@@ -4,14 +4,15 @@ Command (2 CPU cores; the README's first command runs it together with the FT ba
   python launch/train.py --config configs/minilm_mta.py --workdir runs/minilm_mta
   python launch/eval.py  --config configs/minilm_mta.py --workdir runs/minilm_mta \
       --methods=random,bm25,zero_shot,mta
-Expected runtime (2 CPU cores, measured): training 5.5 min (100 steps, 2.9 s/step after an ~8 s data
-prep and compilation); evaluating the default methods on the nine test sets ~10 min.
-Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4): MetaTool SD 88.5 ± 0.3 /
-CD 91.0 ± 0.4, ToolLens SD 50.6 ± 0.4 / CD 73.5 ± 0.2; full table in BUILD_NOTES.md "Results".
+Expected runtime (2 CPU cores, measured): training 4.4 min (100 steps, 2.3 s/step after an ~8 s data
+prep and compilation); evaluating the default methods on the nine test sets ~5 min.
+Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4): MetaTool SD 88.9 ± 0.2 /
+CD 91.6 ± 0.2, ToolLens SD 52.2 ± 0.5 / CD 74.2 ± 0.2; full table in BUILD_NOTES.md "Results".
 
 Meta-task: an episode is a tool subset of one train domain (SD) or mixed domains (CD) with support
 and query items whose 5 candidates come from that subset; the inner loop adapts the LoRA tree on the
-support items, the outer loop differentiates the query loss through it (true second order).
+support items, the outer loop differentiates the query loss through it (true second order), plus the
+support loss before adaptation (``meta.support_weight``), so every labelled item trains the init.
 """
 import ml_collections
 
