@@ -1,6 +1,7 @@
 """Second-order MAML meta-step on MiniLM + LoRA: JAX (``meta.make_meta_step``) vs a PyTorch loop.
 
     python -m launch.bench_meta --support=1 --query=1 --steps=1,3,5,10 --remat=1,0 --rounds=3
+    python -m launch.bench_meta --support=5 --query=5 --steps=1,3 --task_chunk=1   # memory below torch
 
 Workload (both sides, same weights and batches): ``--tasks`` tasks, each with ``--support`` and
 ``--query`` items; an item is a query of 32 tokens and 5 candidate docs of 64 tokens; the loss is
@@ -10,7 +11,8 @@ written the way users do it today (learn2learn / higher style): a Python loop ov
 ``torch.autograd.grad(create_graph=True)`` for the inner steps, manual LoRA on q/v of
 ``transformers.BertModel``. Rounds are interleaved (JAX, torch, JAX, ...) because the machine is
 shared; medians and the torch/JAX ratio are printed. JAX first-call time includes compilation
-(no persistent cache here, on purpose). Peak memory: XLA's planned temp buffer size for JAX, and
+(no persistent cache here, on purpose). The encoder's layers are rematerialised with the
+``dots_with_no_batch_dims_saveable`` policy by default (``--encoder_remat``). Peak memory: XLA's planned temp buffer size for JAX, and
 for both sides the peak rise of process RSS during a step (sampled every 2 ms).
 """
 import os

@@ -96,8 +96,10 @@ def map_tasks(fn, supports: PyTree, queries: PyTree, task_chunk: int | None = No
     """``fn(support, query)`` over the leading task axis: ``vmap``, or ``lax.map`` over chunks.
 
     ``task_chunk=None`` vmaps all tasks at once (fastest, and what sharding over tasks needs);
-    an int ``k`` runs ``k`` tasks at a time (vmapped inside a sequential ``lax.map``), trading speed
-    for peak memory.
+    an int ``k`` runs ``k`` tasks at a time (vmapped inside a sequential ``lax.map``). The forward
+    then holds one chunk at a time, but a gradient *through* the map keeps every chunk's residuals:
+    to bound the memory of a meta-gradient, take per-task gradients inside ``fn``, as the algorithms
+    behind :func:`~mta_jax.meta.step.make_meta_step` do.
     """
     num_tasks(supports, queries)
     if task_chunk is None:
