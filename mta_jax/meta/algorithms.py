@@ -161,14 +161,14 @@ def _pooled_loss(loss_fn: LossFn) -> LossFn:
 def _pooled_outer(meta_params, loss_fn, supports, queries, cfg):
     pooled = _pooled_loss(loss_fn)
 
-    def per_task(s, q):
-        (loss, aux), grads = jax.value_and_grad(pooled, has_aux=True)(meta_params, (s, q))
-        ls = jax.lax.stop_gradient(loss_fn(meta_params, s)[0])  # the same forward XLA already did
+    def loss_and_metrics(p, s, q):
+        loss, aux = pooled(p, (s, q))
+        ls = jax.lax.stop_gradient(loss_fn(p, s)[0])  # the same forward XLA already did
         metrics = {"inner/loss_pre": ls, "inner/loss_post": ls}
         metrics.update({f"outer/{k}": jnp.mean(v) for k, v in aux.items()})
-        return loss, grads, metrics
+        return loss, metrics
 
-    return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
+    return _per_task_grads(loss_and_metrics, meta_params, supports, queries, cfg)
 
 
 def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
