@@ -14,7 +14,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mta_jax.eval.methods import DEFAULT_BATCH_TOKENS, DEFAULT_BUCKETS, EmbedFn, length_batches
+from mta_jax.eval.methods import (DEFAULT_BATCH_TOKENS, DEFAULT_BUCKETS, EmbedFn, bucket_widths,
+                                  length_batches, padded_token_batches)
 from mta_jax.model import encoder
 
 
@@ -37,7 +38,7 @@ class SharedBottomEncoder:
         self.cfg, self.base, self.tok = cfg, base, tokenizer
         self.first_layer, self.max_len, self.batch_size = first_layer, max_len, batch_size
         self.batch_tokens = batch_tokens
-        self.lens = sorted({b for b in buckets if b < max_len} | {max_len})
+        self.lens = bucket_widths(buckets, max_len)
         self._bottom = jax.jit(lambda b, i, m: encoder.run_layers(
             cfg, b, encoder.embed(cfg, b, i), m, stop=first_layer))
         self._top = jax.jit(lambda b, lora, h, m: encoder.pool(
@@ -46,21 +47,14 @@ class SharedBottomEncoder:
         self._embeddings: dict[int, dict[str, np.ndarray]] = {}  # id(lora) -> text -> [D]
         self._loras: dict[int, object] = {}                 # keeps keyed LoRA trees alive
 
-    def _batches(self, lengths: np.ndarray):
-        """Yields ``(rows, width, n_rows)``: indices grouped into padded batches of similar length."""
-        return length_batches(lengths, self.lens, self.batch_size, self.batch_tokens)
-
     def bottom_rows(self, texts: Sequence[str]) -> list[np.ndarray]:
         """The frozen-bottom hidden states of each text (computed once per text)."""
         todo = sorted({t for t in texts if t not in self._rows})
         if todo:
             ids, mask = self.tok.encode(todo, self.max_len)
             lengths = mask.sum(1)
-            for sel, width, n_rows in self._batches(lengths):
-                b_ids = np.zeros((n_rows, width), np.int32)
-                b_mask = np.zeros((n_rows, width), np.int32)
-                w = min(width, ids.shape[1])
-                b_ids[:len(sel), :w], b_mask[:len(sel), :w] = ids[sel, :w], mask[sel, :w]
+            for sel, b_ids, b_mask in padded_token_batches(ids, mask, self.lens, self.batch_size,
+                                                           self.batch_tokens):
                 h = np.asarray(self._bottom(self.base, b_ids, b_mask))
                 for r, i in enumerate(sel):
                     self._rows[todo[i]] = h[r, :lengths[i]]
@@ -80,7 +74,8 @@ class SharedBottomEncoder:
             if todo:
                 rows = self.bottom_rows(todo)
                 lengths = np.asarray([len(r) for r in rows])
-                for sel, width, n_rows in self._batches(lengths):
+                for sel, width, n_rows in length_batches(lengths, self.lens, self.batch_size,
+                                                          self.batch_tokens):
                     h = np.zeros((n_rows, width, self.cfg.hidden_size), np.float32)
                     m = np.zeros((n_rows, width), np.int32)
                     for r, i in enumerate(sel):

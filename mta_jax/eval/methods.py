@@ -159,6 +159,23 @@ def length_batches(lengths: np.ndarray, widths: Sequence[int], batch_size: int,
             yield rows[start:start + n_rows], width, n_rows
 
 
+def bucket_widths(buckets: Sequence[int], max_len: int) -> list[int]:
+    """The padded lengths in use: ``buckets`` below ``max_len``, then ``max_len`` itself."""
+    return sorted({b for b in buckets if b < max_len} | {max_len})
+
+
+def padded_token_batches(ids: np.ndarray, mask: np.ndarray, widths: Sequence[int], batch_size: int,
+                         batch_tokens: int | None):
+    """Yields ``(rows, ids, mask)``: the tokenised texts in :func:`length_batches` order, each batch
+    zero-padded to its bucket width and row count (one compiled shape per bucket)."""
+    for sel, width, n_rows in length_batches(mask.sum(1), widths, batch_size, batch_tokens):
+        b_ids = np.zeros((n_rows, width), np.int32)
+        b_mask = np.zeros((n_rows, width), np.int32)
+        w = min(width, ids.shape[1])
+        b_ids[:len(sel), :w], b_mask[:len(sel), :w] = ids[sel, :w], mask[sel, :w]
+        yield sel, b_ids, b_mask
+
+
 def make_embed_fn(apply_fn: Callable[[np.ndarray, np.ndarray], Any], tokenizer, max_len: int = 256,
                   batch_size: int = 64, buckets: Sequence[int] = DEFAULT_BUCKETS,
                   batch_tokens: int | None = DEFAULT_BATCH_TOKENS) -> EmbedFn:
@@ -177,7 +194,7 @@ def make_embed_fn(apply_fn: Callable[[np.ndarray, np.ndarray], Any], tokenizer, 
       buckets: candidate padded lengths (those above ``max_len`` are dropped; ``max_len`` added).
       batch_tokens: cap on rows x bucket per call (None: always ``batch_size`` rows).
     """
-    lens = sorted({b for b in buckets if b < max_len} | {max_len})
+    lens = bucket_widths(buckets, max_len)
 
     def embed_fn(texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
@@ -188,14 +205,8 @@ def make_embed_fn(apply_fn: Callable[[np.ndarray, np.ndarray], Any], tokenizer, 
         if ids.shape[0] != len(texts) or ids.shape[1] > max_len:
             raise ValueError(f"tokenizer returned ids of shape {ids.shape} for {len(texts)} texts "
                              f"at max_len={max_len}")
-        length = mask.sum(1)
         out = None
-        for sel, width, n_rows in length_batches(length, lens, batch_size, batch_tokens):
-            b_ids = np.zeros((n_rows, width), np.int32)
-            b_mask = np.zeros((n_rows, width), np.int32)
-            w = min(width, ids.shape[1])
-            b_ids[:len(sel), :w] = ids[sel, :w]
-            b_mask[:len(sel), :w] = mask[sel, :w]
+        for sel, b_ids, b_mask in padded_token_batches(ids, mask, lens, batch_size, batch_tokens):
             e = np.asarray(apply_fn(b_ids, b_mask))[:len(sel)]
             if out is None:
                 out = np.zeros((len(texts), e.shape[-1]), e.dtype)
