@@ -2,12 +2,20 @@
 import os
 import pathlib
 
-from absl import flags
+from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Benchmark data folder (default: $MTA_DATA_DIR; see the README).")
+
+
+def start(argv) -> None:
+    """What every entry point's ``main`` does first: reject stray arguments, the cache, quiet logs."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_jax()
+    quiet_logs()
 
 
 def setup_jax() -> None:

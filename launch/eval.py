@@ -30,10 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _common.setup_jax()
-    _common.quiet_logs()
+    _common.start(argv)
     from mta_jax.train import evaluate as evaluation
 
     config = _CONFIG.value

@@ -25,10 +25,7 @@ flags.mark_flags_as_required(["tools", "query"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _common.setup_jax()
-    _common.quiet_logs()
+    _common.start(argv)
     from mta_jax.data import records
     from mta_jax.eval import encoders
     from mta_jax.eval import select
