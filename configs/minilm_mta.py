@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
-    c.eval_every = 0            # 0: no periodic val evaluation during training
+    c.eval_every = 0            # > 0: val accuracy (eval.val_sets) every this many steps, in metrics.jsonl
     c.init_from = ""            # another workdir to start from (when this one has no checkpoint)
     c.tasks_per_step = 4
     c.prefetch = 2
@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sets=("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toollens/test_cd",
               "bfcl/multiple", "bfcl/live_multiple", "seal_tools/dev", "seal_tools/test_in_domain",
               "api_bank/level-1"),
+        val_sets=("metatool/val_sd", "metatool/val_cd", "toollens/val_sd", "toollens/val_cd"),
         max_len=256, adapt_shots=5, batch_size=128, batch_tokens=8192))
     if arg:
         raise ValueError(f"minilm_mta takes no config argument, got {arg!r}")

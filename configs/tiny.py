@@ -26,6 +26,7 @@ def get_config(arg=None):
     c.lora.rank = 2
     c.mesh.data = 1                # one device: tests run it under 8 fake devices too
     c.eval.sets = ("metatool/val_sd",)
+    c.eval.val_sets = ("metatool/val_sd",)
     c.eval.max_len = 32
     c.eval.batch_size = 32
     if arg:

@@ -1,4 +1,4 @@
-"""Shared flag plumbing for the entry points: the compilation cache and the data directory flag."""
+"""Shared flag plumbing for the entry points: the compilation cache, the data directory, multi-host."""
 import os
 import pathlib
 
@@ -8,6 +8,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Benchmark data folder (default: $MTA_DATA_DIR; see the README).")
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() before anything else. Alone it "
+    "auto-detects the cluster (Cloud TPU, SLURM, ...); elsewhere give the three flags below.")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0 (implies --distributed).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def start(argv) -> None:
@@ -15,6 +22,7 @@ def start(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_jax()
+    init_distributed()
     quiet_logs()
 
 
@@ -25,6 +33,24 @@ def setup_jax() -> None:
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def init_distributed() -> None:
+    """``jax.distributed.initialize`` when asked to (every process runs the same command).
+
+    On CPU the processes exchange collectives through gloo. Every process builds the same
+    episodes and places only its own shard (see ``mta_jax.train.sharding.put``); process 0 writes
+    the metrics and the progress bar; all of them take part in checkpointing.
+    """
+    if not (DISTRIBUTED.value or COORDINATOR.value):
+        if NUM_PROCESSES.value is not None or PROCESS_ID.value is not None:
+            raise app.UsageError("--num_processes/--process_id need --coordinator_address (or --distributed)")
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only used by CPU devices
+    jax.distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
+                               process_id=PROCESS_ID.value)
 
 
 def quiet_logs() -> None:

@@ -109,3 +109,33 @@ def test_config_json_is_written(uninterrupted):
     wd, _ = uninterrupted
     cfg = json.loads((wd / "config.json").read_text())
     assert cfg["model"]["path"] == "random-tiny" and cfg["steps"] == 4
+
+
+def test_periodic_validation_matches_the_eval_of_the_checkpoint(tmp_path, data_dir):
+    """``val/<set>/accuracy`` at a step is what ``launch/eval.py``'s ``mta`` gives that checkpoint."""
+    from mta_jax.train import evaluate
+
+    wd = tmp_path / "val"
+    loop.train(tiny_config(eval_every=2, keep_checkpoints=1), wd, str(data_dir))
+    rows = {r["step"]: r for r in metrics_lib.read_metrics(wd)}
+    key = "val/metatool/val_sd/accuracy"
+    assert key in rows[2] and key in rows[4] and rows[4]["val_eval_sec"] > 0
+    results = evaluate.run(tiny_config(), wd, ["mta"], ["metatool/val_sd"], data_dir=str(data_dir),
+                           log=lambda _: None)
+    assert rows[4][key] == pytest.approx(results["metatool/val_sd"]["mta"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"eval_every": 3}, "multiple of config.log_every"),
+    ({"eval_every": 2, "eval.val_sets": ()}, "val_sets is empty"),
+    ({"eval_every": -1}, "eval_every must be >= 0"),
+])
+def test_bad_validation_settings_are_errors(tmp_path, data_dir, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        loop.train(tiny_config(**overrides), tmp_path / "bad", str(data_dir))
+
+
+def test_periodic_validation_of_a_decoder_is_an_error(tmp_path, data_dir):
+    c = load_config("tiny_decoder", eval_every=2, log_every=2)
+    with pytest.raises(ValueError, match="implemented for encoder models"):
+        loop.train(c, tmp_path / "dec", str(data_dir))

@@ -31,9 +31,11 @@ def base_fingerprint(base: PyTree) -> str:
 
 
 def _to_saveable(state: PyTree) -> dict:
-    # Typed PRNG keys cannot be serialised: store their raw key data instead.
+    # Typed PRNG keys cannot be serialised: store their raw key data instead, as a host array
+    # (a process-local jax.Array cannot be saved by a multi-host run).
     state = jax.tree.map(
-        lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) else x,
+        lambda x: np.asarray(jax.random.key_data(x))
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) else x,
         state)
     return serialization.to_state_dict(state)
 

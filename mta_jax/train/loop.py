@@ -8,6 +8,7 @@ import time
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 from absl import logging
@@ -20,6 +21,7 @@ from mta_jax.train import checkpoint
 from mta_jax.train import metrics as metrics_lib
 from mta_jax.train import sharding
 from mta_jax.train import state as state_lib
+from mta_jax.train import validation
 from mta_jax.train import workloads
 
 STREAM_INIT = 0  # named PRNG streams split from the root key (levanter style)
@@ -76,32 +78,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       config: an experiment config from ``configs/``.
       workdir: output folder: ``checkpoints/``, ``metrics.jsonl``, ``config.json``.
       data_dir: benchmark data folder (default: ``$MTA_DATA_DIR``).
+
+    Under multi-host training (``jax.distributed.initialize`` called first, e.g. by
+    ``launch/train.py --distributed``) every process runs this with the same arguments; process 0
+    writes ``config.json``, ``metrics.jsonl`` and the progress bar.
     """
     s = state_lib.settings_from_config(config)
+    s.val.check(s.log_every, s.model_kind)
+    main_process = jax.process_index() == 0
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
 
-    work = workloads.load_workload(s, records.resolve_data_dir(data_dir))
-    name, base = work.name, work.base
+    data_dir = records.resolve_data_dir(data_dir)
+    work = workloads.load_workload(s, data_dir)
+    name, host_base = work.name, work.base
     mesh = sharding.make_mesh(s.mesh)
     sharding.check_tasks_divisible(s.tasks_per_step, mesh)
-    logging.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+    logging.info("mesh %s over %d %s devices in %d process(es)", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].platform, jax.process_count())
 
-    base = jax.device_put(base, sharding.base_sharding(mesh, base))
+    base = sharding.put(host_base, sharding.base_sharding(mesh, host_base))
     rep = sharding.replicated(mesh)
-    tables = jax.device_put(work.tables(base), rep)
+    tables = sharding.put(work.tables(host_base), rep)
+    validator = None
+    if s.val.every:
+        validator = validation.Validator(s.val, work.cfg, host_base, work.tok, s.lora.first_layer,
+                                         s.data.doc_style, data_dir)
     prep_sec = time.perf_counter() - t0
 
     root = jax.random.key(s.seed)
     lora = lora_lib.init_lora(jax.random.fold_in(root, STREAM_INIT), base, s.lora)
     outer_opt = make_outer_optimizer(s)
     fresh = state_lib.TrainState(meta.init_state(lora, s.meta, outer_opt), root)
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", s.keep_checkpoints, run_identity(name, base, config))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", s.keep_checkpoints, run_identity(name, host_base, config))
     state, origin = checkpoint.restore_or_init(ckpt, fresh, s.init_from or None)
     logging.info("state: %s", origin)
-    state = jax.device_put(state, rep)
+    state = sharding.put(state, rep)
 
     example = work.host_batch(0, s.tasks_per_step)
     batch_sh = sharding.task_sharded(mesh, example)
@@ -110,11 +125,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                       out_shardings=(rep, rep), donate_argnums=(0,))
 
     start = int(jax.device_get(state.step))
-    writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(s.steps, start)
+    writer = metrics_lib.MetricWriter(workdir) if main_process else None
+    progress = metrics_lib.Progress(s.steps, start) if main_process else None
     stopper = _Stop()
     batches = batching.prefetch(
-        (jax.device_put(work.host_batch(i, s.tasks_per_step), batch_sh) for i in range(start, s.steps)),
+        (sharding.put(work.host_batch(i, s.tasks_per_step), batch_sh) for i in range(start, s.steps)),
         s.prefetch)
     pending, t_log, step = [], time.perf_counter(), start
     try:
@@ -129,16 +144,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 mean["step_time_sec"] = (now - t_log) / len(fetched)
                 if step + 1 - len(fetched) == start:
                     mean["prep_sec"] = prep_sec
+                if validator is not None and validator.due(done, s.steps):
+                    val = validator(meta.initial_params(jax.device_get(state.meta.params), s.meta))
+                    mean.update(val)
+                    logging.info("step %d val: %s (%.1fs)", done, ", ".join(
+                        f"{k.split('/')[1]}/{k.split('/')[2]} {100 * v:.1f}" for k, v in val.items()
+                        if k.endswith("/accuracy")), val["val_eval_sec"])
+                    now = time.perf_counter()  # the next step_time_sec excludes validation
                 t_log, pending = now, []
-                writer.write(done, mean)
-                progress.update(done, f"loss {mean.get('outer/loss', float('nan')):.4f}")
+                if main_process:
+                    writer.write(done, mean)
+                    progress.update(done, f"loss {mean.get('outer/loss', float('nan')):.4f}")
             stop = stopper.requested
+            if jax.process_count() > 1:  # a pre-emption notice to any process stops them all
+                stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
             if done % s.checkpoint_every == 0 or done == s.steps or stop:
                 ckpt.save(done, state, force=True)
             if stop:
                 break
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         stopper.restore()
         ckpt.close()
     return state

@@ -68,6 +68,30 @@ def base_sharding(mesh: Mesh, base: PyTree) -> PyTree:
     return jax.tree.map(spec, base)
 
 
+def put(tree: PyTree, shardings: Any) -> PyTree:
+    """``jax.device_put`` of host values that also works when the mesh spans several processes.
+
+    Every process passes the same values (episodes are deterministic in (seed, step), the base and
+    the initial state are identical everywhere) and keeps only the shards of its own devices.
+
+    Args:
+      tree: arrays (NumPy or JAX, typed PRNG keys included).
+      shardings: one ``Sharding`` for every leaf, or a tree of them matching ``tree``.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x, sh):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sh))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def check_tasks_divisible(num_tasks: int, mesh: Mesh) -> None:
     """Tasks per step must split evenly over the data axis (fixed shapes, no padding tasks)."""
     if num_tasks % mesh.shape[DATA]:

@@ -11,6 +11,7 @@ from mta_jax import meta
 from mta_jax.model import lora as lora_lib
 from mta_jax.tasks import episodes
 from mta_jax.train import sharding
+from mta_jax.train import validation
 
 
 class TrainState(NamedTuple):
@@ -41,7 +42,7 @@ class Settings:
     log_every: int
     checkpoint_every: int
     keep_checkpoints: int
-    eval_every: int
+    val: validation.ValSettings
     init_from: str
     model_kind: str
     model_path: str
@@ -88,7 +89,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     c = config
     return Settings(
         seed=c.seed, steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every,
-        keep_checkpoints=c.keep_checkpoints, eval_every=c.eval_every, init_from=c.init_from,
+        keep_checkpoints=c.keep_checkpoints, val=validation.val_settings(c.eval_every, c.eval), init_from=c.init_from,
         model_kind=c.model.kind, model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
         loss_scale=c.loss.scale,
         data=_dc(DataSettings, c.data),
