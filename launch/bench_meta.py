@@ -39,7 +39,8 @@ flags.DEFINE_integer("tasks", 4, "tasks per meta-step")
 flags.DEFINE_integer("support", 1, "support items per task")
 flags.DEFINE_integer("query", 1, "query items per task")
 flags.DEFINE_list("steps", ["1", "3", "5", "10"], "inner step counts to measure")
-flags.DEFINE_list("remat", ["1", "0"], "inner-loop remat settings to measure (1/0)")
+flags.DEFINE_list("remat", ["1", "0"], "inner-loop remat settings to measure: 1, 0 or a "
+                  "jax.checkpoint_policies name (InnerConfig.remat)")
 flags.DEFINE_string("encoder_remat", "dots_with_no_batch_dims_saveable",
                     "EncoderConfig.remat for each scanned layer: '' (off), 'full', or a "
                     "jax.checkpoint_policies name")
@@ -71,6 +72,10 @@ def _batches(rng, tasks, n, vocab):
     d_ids, d_mask = ids((tasks, n, N_CAND), D_LEN)
     return {"q_ids": q_ids, "q_mask": q_mask, "d_ids": d_ids, "d_mask": d_mask,
             "label": rng.integers(0, N_CAND, (tasks, n)).astype(np.int32)}
+
+
+def _remat_label(remat) -> str:
+    return str(int(remat)) if isinstance(remat, bool) else remat
 
 
 def make_jax_loss(cfg, one_call=False):
@@ -216,7 +221,7 @@ def main(argv):
     print("steps remat | jax_compile_s jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB "
           "| torch/jax")
     for steps in (int(s) for s in F.steps):
-        for remat in (bool(int(r)) for r in F.remat):
+        for remat in (bool(int(r)) if r in ("0", "1") else r for r in F.remat):
             algo = meta.MetaConfig("maml", meta.InnerConfig(steps=steps, lr=F.inner_lr, remat=remat),
                                    post_loss=F.post_loss, task_chunk=F.task_chunk or None)
             step = meta.make_meta_step(loss_fn, algo, outer, has_aux=True)
@@ -225,7 +230,7 @@ def main(argv):
             compiled = step.lower(state, base, supports, queries).compile()
             compile_s = time.perf_counter() - t0  # trace + lower + XLA compile
             if F.compile_only:
-                print(f"{steps:5d} {int(remat):5d} | compile {compile_s:6.1f} s, xla temp "
+                print(f"{steps:5d} {_remat_label(remat):>5} | compile {compile_s:6.1f} s, xla temp "
                       f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:6.0f} MB", flush=True)
                 continue
             state, m = compiled(state, base, supports, queries)
@@ -247,7 +252,7 @@ def main(argv):
                         tt.append(time.perf_counter() - t0)
                     tr.append(r.rise / 2**20)
             med = lambda x: float(np.median(x)) if x else float("nan")
-            print(f"{steps:5d} {int(remat):5d} | {compile_s:13.1f} {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
+            print(f"{steps:5d} {_remat_label(remat):>5} | {compile_s:13.1f} {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
                   f"{med(tt):12.3f} {max(tr) if tr else float('nan'):12.0f} | {med(tt) / med(jt):9.2f}",
                   flush=True)
 

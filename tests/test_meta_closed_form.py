@@ -48,7 +48,7 @@ def _closed_form(w0, s, q, n, first_order):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("remat", [True, False])
+@pytest.mark.parametrize("remat", [True, False, "dots_with_no_batch_dims_saveable"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_maml_gradient_matches_closed_form(x64, n, remat, first_order):
     rng = x64

@@ -24,6 +24,9 @@ def test_remat_memory_does_not_grow_with_inner_steps():
     assert on10 < 2 * on1, (on1, on10)
     # Without remat the stored activations grow with the number of steps.
     assert off10 > 4 * off1, (off1, off10)
+    # A checkpoint policy keeps part of each step: between full remat and none.
+    pol10 = _temp_bytes(10, "dots_with_no_batch_dims_saveable")
+    assert on10 < pol10 < off10, (on10, pol10, off10)
 
 
 def test_sharded_tasks_match_unsharded():

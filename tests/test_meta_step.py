@@ -110,6 +110,8 @@ def test_bad_configs_raise_clear_errors():
         meta.InnerConfig(optimizer="adamw_typo")
     with pytest.raises(ValueError, match="adapt_pattern"):
         meta.InnerConfig(adapt_pattern="(")
+    with pytest.raises(ValueError, match="remat='dots_saveable_typo'"):
+        meta.InnerConfig(remat="dots_saveable_typo")
     with pytest.raises(ValueError, match="name 'mamll'"):
         meta.MetaConfig(name="mamll")
     with pytest.raises(ValueError, match="anil"):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from mta_jax.model.lora import LoRAParams, path_str
+from mta_jax.model.remat import checkpoint_layer
 
 PyTree = Any
 # loss_fn(params, batch) -> scalar, or -> (scalar, aux dict) when has_aux.
@@ -42,10 +43,13 @@ class InnerConfig:
       steps: number of inner optimiser steps ``n`` (0: no adaptation).
       lr: inner learning rate ``alpha`` (the initial value of learned rates for Meta-SGD).
       first_order: drop second-order terms (``stop_gradient`` on the inner gradients).
-      remat: ``jax.checkpoint`` the step body so memory does not grow with stored activations.
-        Applied only with ``steps > 1``: a single step's residuals are all needed by the outer
-        backward anyway, so checkpointing it would only add a recomputation (measured on the
-        MiniLM benchmark: 23% slower and 18% more XLA temp memory).
+      remat: ``jax.checkpoint`` the step body so memory does not grow with stored activations
+        (``True``: keep only the carry), or the name of a ``jax.checkpoint_policies`` policy: keep
+        what it saves of each step (e.g. ``"dots_with_no_batch_dims_saveable"``: the matmul
+        outputs), a middle ground whose memory grows with steps by that much. Applied only with
+        ``steps > 1``: a single step's residuals are all needed by the outer backward anyway, so
+        checkpointing it would only add a recomputation (measured on the MiniLM benchmark: 23%
+        slower and 18% more XLA temp memory).
       optimizer: a name in :data:`INNER_OPTIMIZERS` or any ``optax.GradientTransformation``
         (used as is; ``lr`` is then ignored except by Meta-SGD's initial rates).
       clip_norm: if set, inner gradients are clipped to this global norm before the optimiser.
@@ -60,7 +64,7 @@ class InnerConfig:
     steps: int = 1
     lr: float = 1e-2
     first_order: bool = False
-    remat: bool = True
+    remat: bool | str = True
     optimizer: str | optax.GradientTransformation = "sgd"
     clip_norm: float | None = None
     adapt_pattern: str | None = None
@@ -79,6 +83,7 @@ class InnerConfig:
                             f"got {type(self.optimizer).__name__}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"InnerConfig.clip_norm must be > 0 or None, got {self.clip_norm!r}")
+        checkpoint_layer(lambda x: x, self.remat)  # a bad policy name fails here, naming the field
         if self.prox < 0:
             raise ValueError(f"InnerConfig.prox must be >= 0, got {self.prox!r}")
         if self.adapt_pattern is not None:
@@ -217,10 +222,8 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
             updates = [-r.astype(g.dtype) * g for r, g in zip(lr_sub, grads)]
         return (optax.apply_updates(sub, updates), opt_state), (loss, aux)
 
-    if cfg.remat and cfg.steps > 1:
-        # prevent_cse=False: inside scan, CSE cannot merge the recomputation with the forward pass,
-        # and the barrier would only block fusion (see jax.checkpoint docs).
-        step = jax.checkpoint(step, prevent_cse=False)
+    if cfg.steps > 1:
+        step = checkpoint_layer(step, cfg.remat)
 
     if cfg.steps == 0 or not sub0:
         # Nothing to adapt (0 steps, or an adapt_pattern matching no leaf): the identity map.
