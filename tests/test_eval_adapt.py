@@ -1,4 +1,4 @@
-"""``mta_adapt``: per-tool folds never put a scored item in its own support set; singletons fall back."""
+"""``mta_adapt``: a scored item is never in its support set, and its gold label cannot choose its model."""
 import jax
 import numpy as np
 import pytest
@@ -37,8 +37,6 @@ def toy_group():
         items.append(EvalItem(f"b{k}", f"ACME share {k}", ("t1",), ("t1", "t2", "t4")))
     items.append(EvalItem("c0", "say bonjour", ("t2",), ("t3", "t4", "t2")))
     return tuple(EvalSet("toy/test", "toy", cat, tuple(items), seed=s) for s in (0, 1))
-
-
 def test_support_never_contains_the_scored_item(setup, monkeypatch):
     s, meta_params, bank = setup
     scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)
@@ -46,18 +44,50 @@ def test_support_never_contains_the_scored_item(setup, monkeypatch):
     original = scorer._support
 
     def recording(eval_set, items):
-        supports.append({it.id for it in items})
+        supports.append([it.id for it in items])
         return original(eval_set, items)
 
     monkeypatch.setattr(scorer, "_support", recording)
     group = toy_group()
     scores = scorer(group)
-    assert len(supports) == 4                     # 2 folds x (t0, t1); the singleton t2 has none
-    assert scorer.fallbacks == 1
+    assert len(supports) == 2                     # one adaptation per fold, for all tools at once
     for per_set in scores:
         assert len(per_set) == 10 and all(np.isfinite(x).all() and x.shape == (3,) for x in per_set)
-    # Every support set is drawn from one tool's items and the two folds of a tool are disjoint.
-    assert supports[0].isdisjoint(supports[1]) and supports[2].isdisjoint(supports[3])
+    # Each fold's support holds up to `shots` items of every tool with items in the other fold.
+    assert set(supports[0]).isdisjoint(supports[1])
+    for sup in supports:
+        tools = [i[0] for i in sup]
+        assert all(tools.count(t) <= 2 for t in set(tools)) and {"a", "b"} <= set(tools)
+    assert [(k, n) for _, k, n, _ in scorer.support_sizes] == [(0, len(supports[0])), (1, len(supports[1]))]
+
+
+def test_gold_labels_of_scored_items_cannot_choose_their_model(setup):
+    """Same query and candidates for every item, gold split over two tools: a scorer that does not
+    look at the answer gives the t0 items and the t1 items the same score vectors (one per fold).
+    The earlier per-gold-tool adaptation gave each tool's items their own vector (checked by hand:
+    it fails this test)."""
+    s, meta_params, bank = setup
+    tools = [Tool(f"t{i}", f"tool{i}", d) for i, d in enumerate(["weather forecast", "stock prices", "maps"])]
+    items = tuple(EvalItem(f"x{k}", "what should I use?", (("t0", "t1")[k % 2],), ("t0", "t1", "t2"))
+                  for k in range(12))
+    group = (EvalSet("leak/test", "leak", Catalogue(tools), items, seed=0),)
+    scores = adapt_lib.adapt_scorer(bank, s, meta_params, shots=3)(group)[0]
+    by_gold = {g: {tuple(np.round(x, 6)) for x, it in zip(scores, items) if it.gold[0] == g} for g in ("t0", "t1")}
+    assert by_gold["t0"] == by_gold["t1"], by_gold
+
+
+def test_support_is_capped_round_robin_over_tools(setup, monkeypatch):
+    s, meta_params, bank = setup
+    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=5, max_support=3)
+    supports = []
+    original = scorer._support
+    monkeypatch.setattr(scorer, "_support", lambda es, items: (supports.append([i.id for i in items]),
+                                                               original(es, items))[1])
+    scorer(toy_group())
+    for sup in supports:                          # capped at 3, and both big tools get a turn first
+        assert len(sup) == 3 and {sup[0][0], sup[1][0]} == {"a", "b"}
+    with pytest.raises(ValueError, match="max_support"):
+        adapt_lib.adapt_scorer(bank, s, meta_params, shots=2, max_support=0)
 
 
 def test_adaptation_changes_scores_and_whole_pool_is_rejected(setup):
@@ -69,9 +99,8 @@ def test_adaptation_changes_scores_and_whole_pool_is_rejected(setup):
     from mta_jax.data.render import tool_text
     import functools
     plain = embedding_scorer(bank.embed_fn(init), render=functools.partial(tool_text, style=s.data.doc_style))(group)
-    diff = max(np.abs(a - b).max() for a, b in zip(adapted[0][:9], plain[0][:9]))
+    diff = max(np.abs(a - b).max() for a, b in zip(adapted[0], plain[0]))
     assert diff > 1e-6                            # the inner loop moved the LoRA
-    np.testing.assert_allclose(adapted[0][9], plain[0][9], atol=1e-6)   # singleton: un-adapted
     pool = (EvalSet("p", "toy", group[0].catalogue, (EvalItem("x", "q", ("t0",), None),)),)
     with pytest.raises(ValueError, match="shipped candidates"):
         adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)(pool)

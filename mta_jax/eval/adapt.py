@@ -1,12 +1,21 @@
-"""``mta_adapt``: k-shot inner-loop adaptation to each unseen tool before predicting (MTA + adapt).
+"""``mta_adapt``: k-shot inner-loop adaptation to the unseen tools before predicting (MTA + adapt).
 
-For every gold tool of a set, its items are split into two folds by a seeded permutation; the
-meta-learned LoRA is adapted on up to ``shots`` items of one fold (with their own shipped
-candidates as the episode) and scores the other fold, and vice versa — so a scored item is never
-in its own support set. The items of a tool are the same in every protocol seed file (only the
-distractors differ), so adaptation runs once per (tool, fold) per group, with the first seed's
-candidates as support episode. Tools with a single item have no support: that item is scored by
-the meta-learned initialisation and counted in :attr:`AdaptScorer.fallbacks`.
+The items of a set are split into two folds: each gold tool's items are divided by a seeded
+permutation. The meta-learned LoRA is adapted once per fold with the inner loop of training on a
+support set drawn from the *other* fold — up to ``shots`` items of every unseen tool, round-robin
+over the tools up to ``max_support`` items, each with its own shipped candidates — and that one
+adapted LoRA scores every item of the fold. So a scored item is never in its support set, and the
+model that scores an item does not depend on the item's gold tool: the adaptation is a k-shot,
+N-way adaptation to the whole unseen tool set, as a deployment would do it with a few labelled
+queries per new tool.
+
+(Sessions 1-2 adapted one LoRA per gold tool and scored each item with the LoRA of its own gold
+tool: that selected the model by the answer and inflated ``mta_adapt``/``ft_adapt`` by 5 points on
+MetaTool and 34 on ToolLens. ``tests/test_eval_adapt.py`` checks that the gold labels of the scored
+items cannot change their scores.)
+
+The items are the same in every protocol seed file of a set (only the distractors differ), so the
+folds and support sets come from the first seed file and serve all of them.
 """
 from __future__ import annotations
 
@@ -23,26 +32,39 @@ from mta_jax.eval.encoders import SharedBottomEncoder
 from mta_jax.eval.sets import EvalSet
 from mta_jax.meta import losses
 
+# Support doc rows are padded to a multiple of this (fewer distinct shapes to compile across sets).
+_PAD = 32
+
+
+def _round_up(n: int, m: int = _PAD) -> int:
+    return max(m, -(-n // m) * m)
+
 
 class AdaptScorer:
-    """A :data:`~mta_jax.eval.metrics.Scorer` that adapts LoRA per unseen tool (see module doc).
+    """A :data:`~mta_jax.eval.metrics.Scorer` that adapts LoRA to the unseen tools (see module doc).
 
     Args:
       bank: the shared-bottom encoder (its ``first_layer`` must not exceed the LoRA's).
       settings: the trained run's settings (LoRA, meta-algorithm, training sequence lengths, scale).
       meta_params: the trained meta-parameters (``MetaState.params``).
-      shots: support items per adaptation.
+      shots: support items per unseen tool.
+      max_support: most support items per adaptation (bounds memory on large tool sets).
+
+    Attributes:
+      support_sizes: ``(set name, fold, items, tools)`` of every adaptation, for reporting.
     """
 
-    def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int):
+    def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int, max_support: int = 256):
         if shots < 1:
             raise ValueError(f"mta_adapt needs shots >= 1, got {shots}")
-        self.bank, self.s, self.meta_params, self.shots = bank, settings, meta_params, shots
-        self.fallbacks = 0
+        if max_support < 1:
+            raise ValueError(f"mta_adapt needs max_support >= 1, got {max_support}")
+        self.bank, self.s, self.meta_params = bank, settings, meta_params
+        self.shots, self.max_support = shots, max_support
+        self.support_sizes: list[tuple[str, int, int, int]] = []
         loss = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=settings.loss_scale)
         self._adapt = jax.jit(functools.partial(meta.adapt_for_eval, algo=settings.meta, loss_fn=loss,
                                                 has_aux=True))
-        self._init = meta.initial_params(meta_params, settings.meta)
 
     def _doc(self, eval_set: EvalSet, tool_id: str) -> str:
         return render.tool_text(eval_set.catalogue[tool_id], style=self.s.data.doc_style)
@@ -54,23 +76,37 @@ class AdaptScorer:
         return self.bank._bottom(self.bank.base, ids, mask), mask
 
     def _support(self, eval_set: EvalSet, items) -> dict:
-        """One episode from support items: their candidates are the episode's docs."""
+        """One episode from support items: the union of their candidates is the episode's docs.
+
+        Doc rows are padded with fully masked rows that are never a candidate, so sets of similar
+        size share compiled shapes; every support item is one query row (no repeats, which would
+        reweight the support loss).
+        """
         c = max(len(it.candidates) for it in items)
-        n = self.shots * c
+        rows = len(items)
         docs: dict[str, int] = {}
-        cands = np.zeros((self.shots, c), np.int32)
-        labels = np.zeros((self.shots,), np.int32)
-        for i in range(self.shots):
-            it = items[i % len(items)]  # fewer items than shots: repeat (fixed shapes)
+        cands = np.zeros((rows, c), np.int32)
+        labels = np.zeros((rows,), np.int32)
+        for i, it in enumerate(items):
             for j, t in enumerate(it.candidates):
                 cands[i, j] = docs.setdefault(t, len(docs))
             labels[i] = it.candidates.index(it.gold[0])
         texts = [self._doc(eval_set, t) for t in docs]
-        tool_h, tool_mask = self._bottoms(texts, self.s.data.doc_len, n)
-        queries = [items[i % len(items)].query for i in range(self.shots)]
-        query_h, query_mask = self._bottoms(queries, self.s.data.query_len, self.shots)
+        tool_h, tool_mask = self._bottoms(texts, self.s.data.doc_len, _round_up(len(texts)))
+        queries = [it.query for it in items]
+        query_h, query_mask = self._bottoms(queries, self.s.data.query_len, rows)
         return {"tool_h": tool_h, "tool_mask": tool_mask, "query_h": query_h, "query_mask": query_mask,
                 "cands": cands, "label": labels}
+
+    def _support_items(self, items, by_tool_fold: dict[str, np.ndarray]):
+        """Round-robin over tools (sorted ids): each tool's first, then second, ... fold item."""
+        chosen = []
+        for rank in range(self.shots):
+            for tool in sorted(by_tool_fold):
+                idx = by_tool_fold[tool]
+                if rank < len(idx) and len(chosen) < self.max_support:
+                    chosen.append(items[int(idx[rank])])
+        return chosen
 
     def __call__(self, group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
         first = group[0]
@@ -82,49 +118,40 @@ class AdaptScorer:
         by_tool: dict[str, list[int]] = {}
         for i, it in enumerate(first.items):
             by_tool.setdefault(it.gold[0], []).append(i)
-        lora_of_item: dict[int, object] = {}
-        adapted = []
+        folds: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
         for tool, idx in sorted(by_tool.items()):
-            if len(idx) < 2:
-                self.fallbacks += len(idx)
-                continue
             rng = np.random.default_rng((first.seed or 0, zlib.crc32(tool.encode("utf-8"))))
             perm = rng.permutation(idx)
-            folds = (perm[: len(perm) // 2], perm[len(perm) // 2:])
-            for k, scored in enumerate(folds):
-                support_items = [first.items[i] for i in folds[1 - k][: self.shots]]
-                lora = self._adapt(self.meta_params, self.bank.base, self._support(first, support_items))
-                adapted.append(lora)
-                for i in scored:
-                    lora_of_item[int(i)] = len(adapted) - 1
+            folds[0][tool], folds[1][tool] = perm[: len(perm) // 2], perm[len(perm) // 2:]
         out = [[None] * len(s.items) for s in group]
-        # Score per adapted LoRA (plus the un-adapted fallback): every text is embedded once per LoRA.
-        plans = {a: [] for a in range(-1, len(adapted))}
-        for i in range(len(first.items)):
-            plans[lora_of_item.get(i, -1)].append(i)
-        for a, items in plans.items():
-            if not items:
+        for k in (0, 1):
+            scored = sorted(int(i) for idx in folds[k].values() for i in idx)
+            support = self._support_items(first.items, {t: i for t, i in folds[1 - k].items() if len(i)})
+            if not scored:
                 continue
-            lora = self._init if a == -1 else adapted[a]
+            if not support:
+                raise ValueError(f"{first.name}: fold {1 - k} has no items to adapt on")
+            self.support_sizes.append((first.name, k, len(support), len({it.gold[0] for it in support})))
+            lora = self._adapt(self.meta_params, self.bank.base, self._support(first, support))
             texts: dict[str, int] = {}
             for s in group:
-                for i in items:
+                for i in scored:
                     it = s.items[i]
                     texts.setdefault(it.query, len(texts))
                     for t in it.candidates:
                         texts.setdefault(self._doc(s, t), len(texts))
             emb = self.bank.embed_fn(lora)(list(texts))
-            if a != -1:
-                self.bank.drop_embeddings(lora)  # used once: do not keep 2 x tools caches alive
+            self.bank.drop_embeddings(lora)  # used once: do not keep its cache alive
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             for si, s in enumerate(group):
-                for i in items:
+                for i in scored:
                     it = s.items[i]
                     docs = [texts[self._doc(s, t)] for t in it.candidates]
                     out[si][i] = emb[docs] @ emb[texts[it.query]]
         return out
 
 
-def adapt_scorer(bank: SharedBottomEncoder, settings, meta_params, shots: int) -> AdaptScorer:
+def adapt_scorer(bank: SharedBottomEncoder, settings, meta_params, shots: int,
+                 max_support: int = 256) -> AdaptScorer:
     """Factory used by the evaluation wiring (``train/evaluate.py``)."""
-    return AdaptScorer(bank, settings, meta_params, shots)
+    return AdaptScorer(bank, settings, meta_params, shots, max_support)

@@ -83,7 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         elif m == "mta_adapt":
             from mta_jax.eval import adapt as adapt_lib  # only this method needs the meta-learner
             s, meta_params, _ = trained[m]
-            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, shots=config.eval.adapt_shots)
+            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, shots=config.eval.adapt_shots,
+                                                max_support=config.eval.get("adapt_max_support", 256))
         elif m == "ft_adapt":
             # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
             # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
@@ -94,7 +95,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             if mta_settings.meta.inner.steps == 0:
                 raise ValueError(f"ft_adapt borrows the inner loop of {workdir}, which has inner_steps=0")
             settings = dataclasses.replace(ft_settings, meta=mta_settings.meta)
-            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, shots=config.eval.adapt_shots)
+            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, shots=config.eval.adapt_shots,
+                                                max_support=config.eval.get("adapt_max_support", 256))
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     # One frozen-bottom pass over every text any embedding method will see, in full batches.
