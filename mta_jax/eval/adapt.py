@@ -19,6 +19,7 @@ folds and support sets come from the first seed file and serve all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from typing import Sequence
@@ -28,10 +29,12 @@ import numpy as np
 
 from mta_jax import meta
 from mta_jax.data import render
+from mta_jax.eval import methods as methods_lib
 from mta_jax.eval.encoders import SharedBottomEncoder
 from mta_jax.eval.sets import EvalSet
 from mta_jax.meta import losses
 
+DEFAULT_MAX_SUPPORT = 256  # support items per adaptation (MetaTool's 37 test tools x 5 shots fit)
 # Support doc rows are padded to a multiple of this (fewer distinct shapes to compile across sets).
 _PAD = 32
 
@@ -54,7 +57,8 @@ class AdaptScorer:
       support_sizes: ``(set name, fold, items, tools)`` of every adaptation, for reporting.
     """
 
-    def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int, max_support: int = 256):
+    def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int,
+                 max_support: int = DEFAULT_MAX_SUPPORT):
         if shots < 1:
             raise ValueError(f"mta_adapt needs shots >= 1, got {shots}")
         if max_support < 1:
@@ -66,8 +70,10 @@ class AdaptScorer:
         self._adapt = jax.jit(functools.partial(meta.adapt_for_eval, algo=settings.meta, loss_fn=loss,
                                                 has_aux=True))
 
+        self._render = functools.partial(render.tool_text, style=settings.data.doc_style)
+
     def _doc(self, eval_set: EvalSet, tool_id: str) -> str:
-        return render.tool_text(eval_set.catalogue[tool_id], style=self.s.data.doc_style)
+        return self._render(eval_set.catalogue[tool_id])
 
     def _bottoms(self, texts: list[str], max_len: int, rows: int):
         ids, mask = self.bank.tok.encode(texts, max_len)
@@ -133,25 +139,18 @@ class AdaptScorer:
                 raise ValueError(f"{first.name}: fold {1 - k} has no items to adapt on")
             self.support_sizes.append((first.name, k, len(support), len({it.gold[0] for it in support})))
             lora = self._adapt(self.meta_params, self.bank.base, self._support(first, support))
-            texts: dict[str, int] = {}
-            for s in group:
-                for i in scored:
-                    it = s.items[i]
-                    texts.setdefault(it.query, len(texts))
-                    for t in it.candidates:
-                        texts.setdefault(self._doc(s, t), len(texts))
-            emb = self.bank.embed_fn(lora)(list(texts))
-            self.bank.drop_embeddings(lora)  # used once: do not keep its cache alive
-            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            for si, s in enumerate(group):
-                for i in scored:
-                    it = s.items[i]
-                    docs = [texts[self._doc(s, t)] for t in it.candidates]
-                    out[si][i] = emb[docs] @ emb[texts[it.query]]
+            fold = [dataclasses.replace(s, items=tuple(s.items[i] for i in scored)) for s in group]
+            try:
+                fold_scores = methods_lib.embedding_scorer(self.bank.embed_fn(lora), self._render)(fold)
+            finally:
+                self.bank.drop_embeddings(lora)  # used once: do not keep its cache alive
+            for si, per_item in enumerate(fold_scores):
+                for i, x in zip(scored, per_item):
+                    out[si][i] = x
         return out
 
 
 def adapt_scorer(bank: SharedBottomEncoder, settings, meta_params, shots: int,
-                 max_support: int = 256) -> AdaptScorer:
+                 max_support: int = DEFAULT_MAX_SUPPORT) -> AdaptScorer:
     """Factory used by the evaluation wiring (``train/evaluate.py``)."""
     return AdaptScorer(bank, settings, meta_params, shots, max_support)

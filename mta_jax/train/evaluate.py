@@ -17,6 +17,7 @@ import ml_collections
 
 from mta_jax.data import records
 from mta_jax.data.render import tool_text
+from mta_jax.eval import adapt as adapt_lib
 from mta_jax.eval import decoder_methods
 from mta_jax.eval import encoders
 from mta_jax.eval import methods as methods_lib
@@ -71,6 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     bank = encoders.SharedBottomEncoder(cfg, base, tok, first_layer=first, max_len=config.eval.max_len,
                                         batch_size=config.eval.batch_size,
                                         batch_tokens=config.eval.batch_tokens)
+    adapt_kwargs = dict(shots=config.eval.adapt_shots,
+                        max_support=config.eval.get("adapt_max_support", adapt_lib.DEFAULT_MAX_SUPPORT))
     scorers = {}
     for m in methods:
         if _encoder_method(m)[0] == "zero_shot":  # "zero_shot@STYLE": another doc rendering
@@ -81,22 +84,18 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
         elif m == "mta_adapt":
-            from mta_jax.eval import adapt as adapt_lib  # only this method needs the meta-learner
             s, meta_params, _ = trained[m]
-            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, shots=config.eval.adapt_shots,
-                                                max_support=config.eval.get("adapt_max_support", 256))
+            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, **adapt_kwargs)
         elif m == "ft_adapt":
             # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
             # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
-            from mta_jax.eval import adapt as adapt_lib
             ft_settings, _, ft_lora = trained[m]
             mta_run = next((trained[k] for k in ("mta", "mta_adapt") if k in trained), None)
             mta_settings = (mta_run or loop.restore_trained(workdir, base, name))[0]
             if mta_settings.meta.inner.steps == 0:
                 raise ValueError(f"ft_adapt borrows the inner loop of {workdir}, which has inner_steps=0")
             settings = dataclasses.replace(ft_settings, meta=mta_settings.meta)
-            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, shots=config.eval.adapt_shots,
-                                                max_support=config.eval.get("adapt_max_support", 256))
+            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, **adapt_kwargs)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     # One frozen-bottom pass over every text any embedding method will see, in full batches.

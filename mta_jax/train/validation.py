@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -103,9 +103,9 @@ class Validator:
         return bool(self.settings.every) and (step % self.settings.every == 0 or step == last_step)
 
 
-def val_settings(every: int, eval_config, default_sets: Sequence[str] = ()) -> ValSettings:
+def val_settings(every: int, eval_config) -> ValSettings:
     """Builds :class:`ValSettings` from ``config.eval_every`` and the ``config.eval`` section."""
-    sets = tuple(eval_config.get("val_sets", default_sets) or ())
+    sets = tuple(eval_config.get("val_sets", ()) or ())
     batch_tokens = eval_config.get("batch_tokens", methods_lib.DEFAULT_BATCH_TOKENS) or None
     return ValSettings(every=int(every), sets=sets, max_len=int(eval_config.max_len),
                        batch_size=int(eval_config.batch_size), batch_tokens=batch_tokens)
