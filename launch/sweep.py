@@ -1,0 +1,109 @@
+"""Seeded sweep: train MTA and the FT baseline once per training seed, evaluate, fold the tables.
+
+  python launch/sweep.py --config configs/minilm_mta.py --ft_config configs/minilm_ft.py \
+      --seeds=0,1,2,3,4 --root runs/sweep --methods=zero_shot,ft,mta \
+      [--sets=metatool/val_sd,...] [--args=--config.steps=100] [--mta_args=...] [--jobs=1]
+
+Per seed ``S``: ``launch/train.py`` into ``ROOT/mta_sS`` and ``ROOT/ft_sS`` (``--config.seed=S``;
+a finished workdir just resumes at its last step), then ``launch/eval.py`` on ``ROOT/mta_sS`` with
+``--ft_workdir ROOT/ft_sS``. ``ROOT/sweep.md`` / ``sweep.json`` hold mean ± std over training seeds
+per cell and the paired differences ``mta − ft`` (and ``mta_adapt − ft_adapt``) with win counts.
+Each command's output goes to ``ROOT/logs/``; a failing command stops the sweep with its log tail.
+``--args`` reach all three commands (e.g. ``--config.model.path=...``), ``--mta_args`` /
+``--ft_args`` one training each. ``--jobs`` runs that many seeds at once (a GPU with room to
+spare, or a many-core host); on a 2-core CPU keep 1.
+"""
+import pathlib
+import sys
+
+# Replace launch/ (whose select.py would shadow the stdlib module, which subprocess imports) by the
+# repo root, before anything else is imported.
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import concurrent.futures  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from launch import _common  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", "configs/minilm_mta.py", "MTA config file (also the eval config).")
+_FT_CONFIG = flags.DEFINE_string("ft_config", "configs/minilm_ft.py", "FT config file ('' = no FT runs).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_ROOT = flags.DEFINE_string("root", None, "Output root: ROOT/{mta,ft}_s<seed>, ROOT/sweep.md.")
+_METHODS = flags.DEFINE_list("methods", ["zero_shot", "ft", "mta"], "Eval methods.")
+_SETS = flags.DEFINE_list("sets", None, "Eval sets (default: the config's eval.sets).")
+_ARGS = flags.DEFINE_string("args", "", "Extra arguments for every train and eval command.")
+_MTA_ARGS = flags.DEFINE_string("mta_args", "", "Extra arguments for the MTA training only.")
+_FT_ARGS = flags.DEFINE_string("ft_args", "", "Extra arguments for the FT training only.")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Seeds run concurrently.")
+flags.mark_flags_as_required(["root"])
+
+PAIRS = (("mta", "ft"), ("mta_adapt", "ft_adapt"))
+
+
+def _run(cmd: list[str], log: pathlib.Path) -> float:
+    t0 = time.perf_counter()
+    with log.open("w", encoding="utf-8") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO).returncode
+    if rc:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"{shlex.join(cmd)}\nexited with {rc}; log {log}, last lines:\n{tail}")
+    return time.perf_counter() - t0
+
+
+def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathlib.Path:
+    py, extra = sys.executable, shlex.split(_ARGS.value)
+    mta_dir, ft_dir = root / f"mta_s{seed}", root / f"ft_s{seed}"
+    logs = root / "logs"
+    common = ["--config.seed=" + str(seed)] + data_args + extra
+    sec = _run([py, "launch/train.py", "--config", _CONFIG.value, "--workdir", str(mta_dir)] + common
+               + shlex.split(_MTA_ARGS.value), logs / f"train_mta_s{seed}.log")
+    print(f"[sweep] seed {seed}: MTA trained in {sec:.0f}s", flush=True)
+    eval_cmd = [py, "launch/eval.py", "--config", _CONFIG.value, "--workdir", str(mta_dir),
+                "--methods=" + ",".join(_METHODS.value)] + data_args + extra
+    if _FT_CONFIG.value:
+        sec = _run([py, "launch/train.py", "--config", _FT_CONFIG.value, "--workdir", str(ft_dir)] + common
+                   + shlex.split(_FT_ARGS.value), logs / f"train_ft_s{seed}.log")
+        print(f"[sweep] seed {seed}: FT trained in {sec:.0f}s", flush=True)
+        eval_cmd += ["--ft_workdir", str(ft_dir)]
+    if _SETS.value is not None:
+        eval_cmd.append("--sets=" + ",".join(_SETS.value))
+    sec = _run(eval_cmd, logs / f"eval_s{seed}.log")
+    print(f"[sweep] seed {seed}: evaluated in {sec:.0f}s", flush=True)
+    return mta_dir / "eval" / "results.json"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mta_jax.eval import sweep
+
+    try:
+        seeds = sorted({int(s) for s in _SEEDS.value})
+    except ValueError as e:
+        raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
+    if _JOBS.value < 1:
+        raise app.UsageError(f"--jobs must be >= 1, got {_JOBS.value}")
+    root = pathlib.Path(_ROOT.value).resolve()
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    data_args = [f"--data_dir={_common.DATA_DIR.value}"] if _common.DATA_DIR.value else []
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(_JOBS.value) as pool:
+        futures = {s: pool.submit(_seed_pipeline, s, root, data_args) for s in seeds}
+        paths = {s: f.result() for s, f in futures.items()}
+    per_seed = sweep.read_runs(paths)
+    pairs = [(a, b) for a, b in PAIRS if a in _METHODS.value and b in _METHODS.value]
+    out, md = sweep.write(root, per_seed, _METHODS.value, pairs)
+    print(f"[sweep] {len(seeds)} seeds in {time.perf_counter() - t0:.0f}s (jobs={_JOBS.value}); "
+          f"{out / 'sweep.md'}\n\n{md}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app.run(main)

@@ -1,0 +1,131 @@
+"""Tables over training seeds: several runs' ``results.json`` folded into mean ± std per cell.
+
+A protocol set's ``accuracy`` in one ``results.json`` is already a mean over the five protocol
+seeds (draws of distractors) for *one* trained model; its ``std`` says nothing about how much the
+training seed (episodes, LoRA init) moves that model. A sweep trains every method once per
+training seed and reports, per eval set and method, the mean and sample std over training seeds,
+and for method pairs the *paired* difference (same seed, same episodes) with its std and the number
+of seeds on which the first method wins. Numbers stay fractions in [0, 1], as in ``results.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Mapping, Sequence
+
+from mta_jax.eval import report
+from mta_jax.eval.metrics import STD_DDOF
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
+    m = sum(xs) / len(xs)
+    if len(xs) <= STD_DDOF:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - STD_DDOF))
+
+
+def _common(per_seed: Mapping[int, dict], set_name: str, methods: Sequence[str]) -> list[int]:
+    """Seeds in order; raises if a seed lacks one of ``methods`` on ``set_name``."""
+    for seed, results in per_seed.items():
+        missing = [m for m in methods if m not in results.get(set_name, {})]
+        if missing:
+            raise KeyError(f"training seed {seed}: results for {set_name!r} lack methods {missing}")
+    return sorted(per_seed)
+
+
+def aggregate(per_seed: Mapping[int, dict], methods: Sequence[str] | None = None) -> dict:
+    """Folds per-seed results into ``{set: {method: {"mean", "std", "per_seed", "n"}}}``.
+
+    Args:
+      per_seed: ``{training seed: results dict}`` (each valid under ``report.validate_results``).
+      methods: methods to fold, in this order, where the first seed has them on a set (default:
+        all of the first seed's methods on that set).
+
+    Raises:
+      ValueError: no seeds, or the seeds disagree on which eval sets they hold.
+      KeyError: a seed lacks a method on some set (naming both).
+      report.ResultsSchemaError: a results dict breaks the schema.
+    """
+    if not per_seed:
+        raise ValueError("aggregate needs at least one training seed")
+    for seed, results in per_seed.items():
+        report.validate_results(results, source=f"training seed {seed}")
+    seeds = sorted(per_seed)
+    sets = list(per_seed[seeds[0]])
+    for seed in seeds[1:]:
+        if set(per_seed[seed]) != set(sets):
+            raise ValueError(f"training seed {seed} has eval sets {sorted(per_seed[seed])}, "
+                             f"seed {seeds[0]} has {sorted(sets)}")
+    out: dict = {}
+    for s in sets:
+        first = per_seed[seeds[0]][s]
+        ms = [m for m in methods if m in first] if methods is not None else list(first)
+        _common(per_seed, s, ms)
+        out[s] = {}
+        for m in ms:
+            accs = [per_seed[seed][s][m]["accuracy"] for seed in seeds]
+            mean, std = _mean_std(accs)
+            out[s][m] = {"mean": mean, "std": std, "per_seed": accs, "n": per_seed[seeds[0]][s][m]["n"]}
+    return out
+
+
+def paired(per_seed: Mapping[int, dict], a: str, b: str) -> dict:
+    """``{set: {"mean", "std", "wins", "seeds"}}`` of the per-seed difference ``a − b``.
+
+    ``wins`` counts the seeds where ``a`` is strictly better. Sets where the first seed lacks ``a``
+    or ``b`` are left out; raises KeyError when another seed lacks one the first seed has.
+    """
+    seeds = sorted(per_seed)
+    out = {}
+    for s, row in per_seed[seeds[0]].items():
+        if a not in row or b not in row:
+            continue
+        _common(per_seed, s, (a, b))
+        diffs = [per_seed[seed][s][a]["accuracy"] - per_seed[seed][s][b]["accuracy"] for seed in seeds]
+        mean, std = _mean_std(diffs)
+        out[s] = {"mean": mean, "std": std, "wins": sum(d > 0 for d in diffs), "seeds": len(seeds)}
+    return out
+
+
+def _pct(mean: float, std: float | None, signed: bool = False) -> str:
+    cell = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    return cell if std is None else f"{cell} ± {100 * std:.1f}"
+
+
+def markdown(table: dict, pairs: Mapping[str, dict] | None = None) -> str:
+    """Markdown: rows = eval sets; a column per method (mean ± std over training seeds, %), then one
+    per pair (``"a − b"``: paired mean ± std, and wins/seeds)."""
+    methods: dict[str, None] = {}
+    for row in table.values():
+        methods.update(dict.fromkeys(row))
+    pairs = dict(pairs or {})
+    head = list(methods) + list(pairs)
+    lines = ["| eval set | n | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
+    for s, row in table.items():
+        n = next(iter(row.values()))["n"]
+        cells = [_pct(row[m]["mean"], row[m]["std"]) if m in row else "–" for m in methods]
+        cells += [f"{_pct(p[s]['mean'], p[s]['std'], signed=True)} ({p[s]['wins']}/{p[s]['seeds']})"
+                  if s in p else "–" for p in pairs.values()]
+        lines.append(f"| {s} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_runs(paths: Mapping[int, str | pathlib.Path]) -> dict[int, dict]:
+    """``{seed: results}`` from ``{seed: path of a results.json}`` (each validated on read)."""
+    return {seed: report.read_results(p) for seed, p in paths.items()}
+
+
+def write(out_dir: str | pathlib.Path, per_seed: Mapping[int, dict], methods: Sequence[str],
+          pairs: Sequence[tuple[str, str]]) -> tuple[pathlib.Path, str]:
+    """Writes ``sweep.json`` (table, pairs, per-seed inputs) and ``sweep.md``; returns (dir, markdown)."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = aggregate(per_seed, methods)
+    diffs = {f"{a} − {b}": paired(per_seed, a, b) for a, b in pairs}
+    md = markdown(table, diffs)
+    (out_dir / "sweep.json").write_text(json.dumps(
+        {"seeds": sorted(per_seed), "table": table, "pairs": diffs}, indent=1, allow_nan=False) + "\n",
+        encoding="utf-8")
+    (out_dir / "sweep.md").write_text(md, encoding="utf-8")
+    return out_dir, md

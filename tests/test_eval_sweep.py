@@ -1,0 +1,106 @@
+"""Folding per-seed results.json into a table over training seeds, and launch/sweep.py end to end."""
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from mta_jax.eval import report, sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _results(acc: dict) -> dict:
+    """``{set: {method: accuracy}}`` -> a schema-valid results dict."""
+    return {s: {m: {"accuracy": a, "std": 0.01, "n": 100} for m, a in row.items()} for s, row in acc.items()}
+
+
+PER_SEED = {
+    0: _results({"a/x": {"ft": 0.80, "mta": 0.82}, "b/y": {"ft": 0.50, "mta": 0.49}}),
+    1: _results({"a/x": {"ft": 0.78, "mta": 0.81}, "b/y": {"ft": 0.55, "mta": 0.56}}),
+    2: _results({"a/x": {"ft": 0.81, "mta": 0.80}, "b/y": {"ft": 0.52, "mta": 0.52}}),
+}
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+    table = sweep.aggregate(PER_SEED)
+    for s in ("a/x", "b/y"):
+        for m in ("ft", "mta"):
+            xs = [PER_SEED[k][s][m]["accuracy"] for k in (0, 1, 2)]
+            assert table[s][m]["per_seed"] == xs
+            assert table[s][m]["mean"] == pytest.approx(statistics.fmean(xs), abs=1e-15)
+            assert table[s][m]["std"] == pytest.approx(statistics.stdev(xs), abs=1e-15)
+            assert table[s][m]["n"] == 100
+
+
+def test_paired_difference_wins_and_std():
+    p = sweep.paired(PER_SEED, "mta", "ft")
+    d = [0.02, 0.03, -0.01]
+    assert p["a/x"]["mean"] == pytest.approx(statistics.fmean(d))
+    assert p["a/x"]["std"] == pytest.approx(statistics.stdev(d))
+    assert (p["a/x"]["wins"], p["a/x"]["seeds"]) == (2, 3)
+    assert p["b/y"]["wins"] == 1            # -0.01, +0.01, 0.00: a tie is not a win
+
+
+def test_single_seed_has_no_std():
+    table = sweep.aggregate({3: PER_SEED[0]})
+    assert table["a/x"]["mta"]["std"] is None
+    assert "| a/x | 100 | 80.0 | 82.0 |" in sweep.markdown(table)
+
+
+def test_method_order_and_missing_pairs_in_markdown():
+    per_seed = {k: {**r, "c/z": {"ft": r["a/x"]["ft"]}} for k, r in PER_SEED.items()}
+    table = sweep.aggregate(per_seed, ["mta", "ft", "zero_shot"])
+    assert list(table["a/x"]) == ["mta", "ft"] and list(table["c/z"]) == ["ft"]
+    md = sweep.markdown(table, {"mta − ft": sweep.paired(per_seed, "mta", "ft")})
+    assert md.splitlines()[0] == "| eval set | n | mta | ft | mta − ft |"
+    assert "| a/x | 100 | 81.0 ± 1.0 | 79.7 ± 1.5 | +1.3 ± 2.1 (2/3) |" in md
+    assert "| c/z | 100 | – | 79.7 ± 1.5 | – |" in md
+
+
+def test_disagreeing_seeds_are_errors():
+    with pytest.raises(ValueError, match="seed 1 has eval sets"):
+        sweep.aggregate({0: PER_SEED[0], 1: {"a/x": PER_SEED[1]["a/x"]}})
+    broken = {0: PER_SEED[0], 1: _results({"a/x": {"ft": 0.8}, "b/y": {"ft": 0.5, "mta": 0.5}})}
+    with pytest.raises(KeyError, match=r"training seed 1.*'a/x'.*\['mta'\]"):
+        sweep.aggregate(broken)
+    with pytest.raises(report.ResultsSchemaError, match="training seed 0"):
+        sweep.aggregate({0: {"a/x": {"ft": {"accuracy": 1.5, "std": None, "n": 3}}}})
+    with pytest.raises(ValueError, match="at least one"):
+        sweep.aggregate({})
+
+
+def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
+    """Two seeds of tiny MTA + pooled FT through launch/sweep.py; the table is the per-seed results'."""
+    root = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", "configs/tiny.py",
+           "--ft_config", "configs/tiny.py", "--ft_args=--config.meta.algorithm=pooled --config.meta.support_weight=0",
+           "--seeds=0,1", f"--root={root}", "--methods=ft,mta", "--args=--config.steps=2",
+           f"--data_dir={data_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    per_seed = {s: report.read_results(root / f"mta_s{s}" / "eval" / "results.json") for s in (0, 1)}
+    for s in (0, 1):
+        cfg = json.loads((root / f"ft_s{s}" / "config.json").read_text())
+        assert (cfg["seed"], cfg["steps"], cfg["meta"]["algorithm"]) == (s, 2, "pooled")
+    got = json.loads((root / "sweep.json").read_text())
+    assert got["seeds"] == [0, 1]
+    cell = got["table"]["metatool/val_sd"]["mta"]
+    assert cell["per_seed"] == [per_seed[s]["metatool/val_sd"]["mta"]["accuracy"] for s in (0, 1)]
+    diff = got["pairs"]["mta − ft"]["metatool/val_sd"]
+    assert diff["mean"] == pytest.approx(statistics.fmean(
+        per_seed[s]["metatool/val_sd"]["mta"]["accuracy"] - per_seed[s]["metatool/val_sd"]["ft"]["accuracy"]
+        for s in (0, 1)))
+    assert "| metatool/val_sd |" in proc.stdout and (root / "logs" / "eval_s1.log").is_file()
+
+
+def test_sweep_reports_the_failing_command(tmp_path, data_dir):
+    cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", "configs/tiny.py",
+           "--ft_config=", "--seeds=0", f"--root={tmp_path}", "--args=--config.no_such_field=1",
+           f"--data_dir={data_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "train.py" in proc.stderr and "no_such_field" in proc.stderr and "train_mta_s0.log" in proc.stderr
