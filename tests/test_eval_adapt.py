@@ -104,3 +104,29 @@ def test_adaptation_changes_scores_and_whole_pool_is_rejected(setup):
     pool = (EvalSet("p", "toy", group[0].catalogue, (EvalItem("x", "q", ("t0",), None),)),)
     with pytest.raises(ValueError, match="shipped candidates"):
         adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)(pool)
+
+
+def test_test_time_inner_loop_overrides(setup):
+    import dataclasses
+
+    import ml_collections
+
+    from mta_jax.train.evaluate import test_time_meta
+
+    s, meta_params, bank = setup
+    ev = lambda **kw: ml_collections.ConfigDict({"adapt_steps": 0, "adapt_lr": 0.0, **kw})
+    assert test_time_meta(s.meta, ev()) == s.meta                     # 0 = as trained
+    assert test_time_meta(s.meta, ml_collections.ConfigDict()) == s.meta  # configs without the fields
+    got = test_time_meta(s.meta, ev(adapt_steps=3, adapt_lr=0.2))
+    assert (got.inner.steps, got.inner.lr) == (3, 0.2)
+    assert dataclasses.replace(got, inner=s.meta.inner) == s.meta     # nothing else changes
+    with pytest.raises(ValueError, match="adapt_steps"):
+        test_time_meta(s.meta, ev(adapt_steps=-1))
+    with pytest.raises(ValueError, match="meta_sgd"):
+        test_time_meta(dataclasses.replace(s.meta, name="meta_sgd"), ev(adapt_lr=0.1))
+    # Two test-time steps adapt further than one: the scores move on from the one-step scores.
+    group = toy_group()
+    one = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)(group)
+    s2 = dataclasses.replace(s, meta=test_time_meta(s.meta, ev(adapt_steps=2)))
+    two = adapt_lib.adapt_scorer(bank, s2, meta_params, shots=2)(group)
+    assert max(np.abs(a - b).max() for a, b in zip(one[0], two[0])) > 1e-6

@@ -125,6 +125,29 @@ def test_tiny_pool_never_uses_test_tool_or_excluded():
         _check_batch(pool, b, s.config)
 
 
+def test_small_episodes_redraw_tool_sets_instead_of_failing(pool):
+    """6-way episodes with 5 candidates (one support and one query item per tool) used to stop
+    training on ToolLens tools whose every item marks two of the episode's tools as also-correct."""
+    cfg = episodes.EpisodeConfig(tools_per_episode=6, support=6, query=6, candidates=5, regime="mixed")
+    s = episodes.EpisodeSampler(pool, cfg, seed=0)
+    for step in range(40):
+        b = s.batch(step, 4)
+        _check_batch(pool, b, cfg)
+        for e in range(4):  # S = Q = N: every tool of the episode has one support and one query item
+            for part in ("support", "query"):
+                golds = pool.item_gold[b[f"{part}_items"][e]]
+                assert sorted(golds.tolist()) == sorted(b["tools"][e].tolist())
+    again = episodes.EpisodeSampler(pool, cfg, seed=0).batch(7, 4)
+    assert all(np.array_equal(again[k], s.batch(7, 4)[k]) for k in KEYS)  # redraws stay deterministic
+
+
+def test_impossible_episodes_fail_with_advice():
+    # Every episode holds all five train tools, and t0's items exclude t1: t0 never gets 4 distractors.
+    s = episodes.EpisodeSampler(_tiny_pool(excluded=("t1",)), episodes.EpisodeConfig(5, 5, 5, 5, "cd"), seed=0)
+    with pytest.raises(ValueError, match=r"tool 't0' excludes too many.*50 draws.*raise tools_per_episode \(5\)"):
+        s.batch(0, 1)
+
+
 def test_bad_configs_and_pools():
     with pytest.raises(ValueError, match="regime"):
         episodes.EpisodeConfig(regime="both")

@@ -16,6 +16,13 @@ EPISODE_STREAM = 1
 POOLED_STREAM = 2
 
 
+_TOOL_DRAWS = 50  # tool sets tried per episode before giving up (see ``EpisodeSampler.episode``)
+
+
+class _NoCandidates(ValueError):
+    """An episode's tool set leaves some item too few distractors (internal; the sampler redraws)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodeConfig:
     """Shape and sampling of one meta-task.
@@ -214,8 +221,8 @@ class EpisodeSampler:
             if pick is None:  # tool exhausted in this episode: reuse an item (README: only when needed)
                 ok = [int(i) for i in pool_items if n - 1 - len(pool.item_excluded[i] & tool_set) >= c - 1]
                 if not ok:
-                    raise ValueError(f"every item of tool {pool.tools[tools[g]].tool_id!r} excludes too many of "
-                                     f"the episode's tools for {c} candidates; raise tools_per_episode")
+                    raise _NoCandidates(f"every item of tool {pool.tools[tools[g]].tool_id!r} excludes too "
+                                        f"many of the episode's tools for {c} candidates")
                 pick = ok[int(rng.integers(len(ok)))]
             used.add(pick)
             excl = pool.item_excluded[pick]
@@ -230,13 +237,22 @@ class EpisodeSampler:
         cfg = self.config
         d = int(rng.choice(len(self._dataset_p), p=self._dataset_p))
         sd = cfg.regime == "sd" or (cfg.regime == "mixed" and bool(rng.integers(2)))
-        tools, topup = self._episode_tools(rng, d, sd)
-        tools = tools.astype(np.int32)
-        # The fixed protocol's guarantee: val/test tools never appear in training, not even as distractors.
-        assert self.pool.tool_is_train[tools].all(), "non-train tool sampled into an episode"
-        used: set = set()
-        s_items, s_cands, s_label = self._items(rng, tools, cfg.support, used)
-        q_items, q_cands, q_label = self._items(rng, tools, cfg.query, used)
+        for attempt in range(_TOOL_DRAWS):
+            tools, topup = self._episode_tools(rng, d, sd)
+            tools = tools.astype(np.int32)
+            # The fixed protocol's guarantee: val/test tools never appear in training, not even as distractors.
+            assert self.pool.tool_is_train[tools].all(), "non-train tool sampled into an episode"
+            used: set = set()
+            try:
+                s_items, s_cands, s_label = self._items(rng, tools, cfg.support, used)
+                q_items, q_cands, q_label = self._items(rng, tools, cfg.query, used)
+                break
+            except _NoCandidates as e:
+                # Small episodes (C close to N) can draw a tool whose items all mark several of the
+                # others as also-correct; draw another tool set (the default N=8, C=5 never gets here).
+                if attempt == _TOOL_DRAWS - 1:
+                    raise ValueError(f"{e} in {_TOOL_DRAWS} draws of tool sets; raise tools_per_episode "
+                                     f"({cfg.tools_per_episode}) or lower candidates ({cfg.candidates})") from e
         return {"tools": tools, "support_items": s_items, "support_cands": s_cands, "support_label": s_label,
                 "query_items": q_items, "query_cands": q_cands, "query_label": q_label,
                 "regime": np.int32(protocol.REGIMES["sd" if sd else "cd"]), "topup": np.int32(topup)}

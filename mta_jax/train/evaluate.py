@@ -85,6 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
         elif m == "mta_adapt":
             s, meta_params, _ = trained[m]
+            s = dataclasses.replace(s, meta=test_time_meta(s.meta, config.eval))
             scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, **adapt_kwargs)
         elif m == "ft_adapt":
             # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
@@ -94,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             mta_settings = (mta_run or loop.restore_trained(workdir, base, name))[0]
             if mta_settings.meta.inner.steps == 0:
                 raise ValueError(f"ft_adapt borrows the inner loop of {workdir}, which has inner_steps=0")
-            settings = dataclasses.replace(ft_settings, meta=mta_settings.meta)
+            settings = dataclasses.replace(ft_settings, meta=test_time_meta(mta_settings.meta, config.eval))
             scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, **adapt_kwargs)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
@@ -107,6 +108,26 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         bank.bottom_rows(texts)
         log(f"frozen bottom ({first} layers) over {len(texts)} texts in {time.perf_counter() - t1:.1f}s")
     return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
+
+
+def test_time_meta(algo, eval_config):
+    """The run's meta-config with the test-time inner loop of ``eval_config`` (``mta_adapt``/``ft_adapt``).
+
+    ``eval.adapt_steps`` / ``eval.adapt_lr`` (0: as trained) replace the inner steps / SGD rate, so the
+    test-time adaptation can be chosen on val sets without retraining; both adapted methods get the
+    same loop. Meta-SGD adapts with its learned rates, so a test-time rate is an error there.
+
+    Raises:
+      ValueError: a negative value, or ``adapt_lr`` with Meta-SGD (naming the field).
+    """
+    steps, lr = int(eval_config.get("adapt_steps", 0)), float(eval_config.get("adapt_lr", 0.0))
+    if steps < 0 or lr < 0:
+        raise ValueError(f"config.eval.adapt_steps ({steps}) and config.eval.adapt_lr ({lr}) must be >= 0 "
+                         "(0 = as trained)")
+    if lr and algo.name == "meta_sgd":
+        raise ValueError("config.eval.adapt_lr does not apply to meta_sgd, which adapts with its learned rates")
+    inner = dataclasses.replace(algo.inner, steps=steps or algo.inner.steps, lr=lr or algo.inner.lr)
+    return dataclasses.replace(algo, inner=inner)
 
 
 def _encoder_method(name: str) -> tuple[str, str | None]:
