@@ -78,7 +78,7 @@ def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
     root = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", "configs/tiny.py",
            "--ft_config", "configs/tiny.py", "--ft_args=--config.meta.algorithm=pooled --config.meta.support_weight=0",
-           "--seeds=0,1", f"--root={root}", "--methods=ft,mta", "--args=--config.steps=2",
+           "--seeds=1,0", f"--root={root}", "--methods=ft,mta", "--args=--config.steps=2", "--jobs=2",
            f"--data_dir={data_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
