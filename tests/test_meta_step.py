@@ -124,3 +124,11 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(TypeError, match="has_aux=True"):
         meta.task_loss(jnp.zeros(2), lambda p, b: jnp.sum(p * b), jnp.ones(2), jnp.ones(2),
                        meta.InnerConfig(), has_aux=True)
+
+
+def test_lora_adapt_pattern_paths_start_below_tree():
+    lora = LoRAParams({"layers": {"mlp": {"up": {"a": jnp.ones((2, 3)), "b": jnp.zeros((3, 2))}},
+                                  "attn": {"q": {"a": jnp.ones((2, 3)), "b": jnp.zeros((3, 2))}}}}, 2.0)
+    assert meta.inner.selected_indices(lora, r"layers/mlp/.*") == [2, 3]  # leaves: attn a, b; mlp a, b
+    with pytest.raises(ValueError, match=r"'tree/layers/mlp/\.\*' matches none of the 4 .*layers/attn/q/a"):
+        meta.inner.selected_indices(lora, r"tree/layers/mlp/.*")

@@ -128,14 +128,26 @@ def selected_indices(params: PyTree, pattern: str | None) -> list[int]:
     """Indices, in ``jax.tree.leaves`` order, of the leaves whose path full-matches ``pattern``.
 
     ``None`` selects every leaf. A :class:`~mta_jax.model.lora.LoRAParams`' first path key is its
-    ``tree`` attribute, which is dropped so patterns read like base parameter paths.
+    ``tree`` attribute, which is dropped so patterns read like base parameter paths
+    (``layers/mlp/up/a``).
+
+    Raises:
+      ValueError: ``pattern`` matches no leaf of a non-empty tree (naming the paths it could match):
+        an inner loop that silently adapts nothing trains plain multi-task learning under a
+        meta-learning name.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     if pattern is None:
         return list(range(len(flat)))
     rx = re.compile(pattern)
     drop = 1 if isinstance(params, LoRAParams) else 0
-    return [i for i, (p, _) in enumerate(flat) if rx.fullmatch(path_str(p[drop:]))]
+    paths = [path_str(p[drop:]) for p, _ in flat]
+    idx = [i for i, path in enumerate(paths) if rx.fullmatch(path)]
+    if flat and not idx:
+        shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+        raise ValueError(f"InnerConfig.adapt_pattern {pattern!r} matches none of the {len(paths)} "
+                         f"parameter paths ({shown})")
+    return idx
 
 
 def partition(params: PyTree, pattern: str | None):
@@ -226,7 +238,7 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
         step = checkpoint_layer(step, cfg.remat)
 
     if cfg.steps == 0 or not sub0:
-        # Nothing to adapt (0 steps, or an adapt_pattern matching no leaf): the identity map.
+        # Nothing to adapt (0 steps, or an empty parameter tree): the identity map.
         adapted = params
         losses = jnp.zeros((0,), jnp.float32)
         aux = None
