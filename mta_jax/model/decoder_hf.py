@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 
 from mta_jax.model import hf_io
@@ -132,11 +131,4 @@ def load_hf(model_dir: str | pathlib.Path, *, dtype: str = "float32",
     if unused:
         raise hf_io.CheckpointError(f"{model_dir}: {len(unused)} tensors not used by the "
                                     f"{cfg.arch} decoder: {unused[:8]}")
-    params: dict = {}
-    for path, x in flat.items():
-        *parents, leaf = path.split("/")
-        node = params
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = jnp.asarray(np.asarray(x).astype(jnp.dtype(param_dtype)))
-    return cfg, params
+    return cfg, hf_io.nest(flat, param_dtype)

@@ -357,15 +357,7 @@ def load_hf(model_dir: str | pathlib.Path, *, dtype: str = "float32", param_dtyp
     if extra:
         raise hf_io.CheckpointError(f"{model_dir}: {len(extra)} unexpected tensor(s) for a BERT encoder, "
                                     f"e.g. {extra[:5]} (pass ignore=... to load anyway)")
-    params: dict = {}
-    pdt = jnp.dtype(param_dtype)
-    for path, x in flat.items():  # converted only now: a failed check above leaves nothing half-built
-        *parents, leaf = path.split("/")
-        node = params
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = jnp.asarray(np.asarray(x).astype(pdt))
-    return cfg, params
+    return cfg, hf_io.nest(flat, param_dtype)  # converted only now, after every check
 
 
 def default_model_dir() -> pathlib.Path:
