@@ -227,3 +227,25 @@ def test_tokenizer_matches_hf_fast_tokenizer():
         ours.encode(texts, 8, pad_side="middle")
     with pytest.raises(KeyError, match="not-a-token"):
         ours.token_to_id("not-a-token")
+
+
+def test_tokenizer_is_safe_to_share_between_threads():
+    """encode() sets truncation on the shared Rust tokenizer; threads with different max_len must not
+    see each other's setting (or an untruncated tokenize() call in between)."""
+    import concurrent.futures
+
+    ours = Tokenizer.from_dir(enc.default_model_dir())
+    texts = ["word " * 200 + str(i) for i in range(32)]
+    want = {n: ours.encode(texts, n) for n in (8, 300)}
+    want_len = ours.seq_lengths(texts)
+
+    def work(k):
+        n = (8, 300)[k % 2]
+        ids, mask = ours.encode(texts, n)
+        lengths = ours.seq_lengths(texts)
+        return (np.array_equal(ids, want[n][0]) and np.array_equal(mask, want[n][1])
+                and np.array_equal(lengths, want_len))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(160)))
+    assert all(results), f"{results.count(False)} of {len(results)} calls saw another thread's truncation"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -35,6 +36,9 @@ class Tokenizer:
 
     def __init__(self, tok: tokenizers.Tokenizer, pad_token: str, source: str = "<tokenizer>"):
         self._tok = tok
+        # encode() sets the Rust tokenizer's truncation per call; the lock makes that atomic, so one
+        # instance can serve several threads (e.g. a prefetch thread beside the main loop).
+        self._lock = threading.Lock()
         self._tok.no_padding()
         self._tok.no_truncation()
         self.source = source
@@ -93,8 +97,10 @@ class Tokenizer:
     def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Untruncated, unpadded ids of each text (batched in Rust)."""
         texts = _check_texts(texts)
-        self._tok.no_truncation()
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        with self._lock:
+            self._tok.no_truncation()
+            encs = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
 
     def encode(self, texts: Sequence[str], max_len: int, *, pad_side: str = "right",
                add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -119,12 +125,12 @@ class Tokenizer:
         n_special = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
         if max_len < max(n_special, 1):
             raise ValueError(f"max_len={max_len} leaves no room for text ({n_special} special tokens)")
-        # The tokenizer object is ours alone, so setting truncation per call is safe (HF does the same).
-        self._tok.enable_truncation(max_len)
-        try:
-            encs = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
-        finally:
-            self._tok.no_truncation()
+        with self._lock:  # truncation is tokenizer state: set, encode and reset as one step
+            self._tok.enable_truncation(max_len)
+            try:
+                encs = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+            finally:
+                self._tok.no_truncation()
         ids = np.full((len(texts), max_len), self.pad_id, np.int32)
         mask = np.zeros((len(texts), max_len), np.int32)
         for row, e in enumerate(encs):
