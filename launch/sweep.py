@@ -46,6 +46,15 @@ flags.mark_flags_as_required(["root"])
 PAIRS = (("mta", "ft"), ("mta_adapt", "ft_adapt"))
 
 
+def _abs_config(spec: str) -> str:
+    """A config flag value (``file.py`` or ``file.py:arg``) with the file made absolute: the commands
+    run from the repo root, the user may not."""
+    path, sep, arg = spec.partition(".py:")
+    if not sep:
+        return str(pathlib.Path(spec).resolve())
+    return str(pathlib.Path(path + ".py").resolve()) + ":" + arg
+
+
 def _run(cmd: list[str], log: pathlib.Path) -> float:
     t0 = time.perf_counter()
     with log.open("w", encoding="utf-8") as f:
@@ -63,13 +72,13 @@ def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathl
     mta_dir, ft_dir = root / f"mta_s{seed}", root / f"ft_s{seed}"
     logs = root / "logs"
     common = ["--config.seed=" + str(seed)] + data_args + extra
-    sec = _run([py, "launch/train.py", "--config", _CONFIG.value, "--workdir", str(mta_dir)] + common
+    sec = _run([py, "launch/train.py", "--config", _abs_config(_CONFIG.value), "--workdir", str(mta_dir)] + common
                + shlex.split(_MTA_ARGS.value), logs / f"train_mta_s{seed}.log")
     print(f"[sweep] seed {seed}: MTA trained in {sec:.0f}s", flush=True)
-    eval_cmd = [py, "launch/eval.py", "--config", _CONFIG.value, "--workdir", str(mta_dir),
+    eval_cmd = [py, "launch/eval.py", "--config", _abs_config(_CONFIG.value), "--workdir", str(mta_dir),
                 "--methods=" + ",".join(_METHODS.value)] + data_args + extra
     if _FT_CONFIG.value:
-        sec = _run([py, "launch/train.py", "--config", _FT_CONFIG.value, "--workdir", str(ft_dir)] + common
+        sec = _run([py, "launch/train.py", "--config", _abs_config(_FT_CONFIG.value), "--workdir", str(ft_dir)] + common
                    + shlex.split(_FT_ARGS.value), logs / f"train_ft_s{seed}.log")
         print(f"[sweep] seed {seed}: FT trained in {sec:.0f}s", flush=True)
         eval_cmd += ["--ft_workdir", str(ft_dir)]
@@ -93,7 +102,10 @@ def main(argv):
         raise app.UsageError(f"--jobs must be >= 1, got {_JOBS.value}")
     root = pathlib.Path(_ROOT.value).resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    data_args = [f"--data_dir={_common.DATA_DIR.value}"] if _common.DATA_DIR.value else []
+    # Paths the user gave relative to their working directory, made absolute for the commands.
+    data_args = [f"--data_dir={pathlib.Path(_common.DATA_DIR.value).resolve()}"] if _common.DATA_DIR.value else []
+    if os.environ.get("MTA_DATA_DIR"):
+        os.environ["MTA_DATA_DIR"] = str(pathlib.Path(os.environ["MTA_DATA_DIR"]).resolve())
     t0 = time.perf_counter()
     paths, rest = {}, seeds
     if _JOBS.value > 1:

@@ -98,9 +98,14 @@ def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
 
 
 def test_sweep_reports_the_failing_command(tmp_path, data_dir):
-    cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", "configs/tiny.py",
-           "--ft_config=", "--seeds=0", f"--root={tmp_path}", "--args=--config.no_such_field=1",
-           f"--data_dir={data_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    # Run from elsewhere with relative paths: the sweep's commands run from the repo root, so it must
+    # make them absolute (otherwise the failure would be a missing config file, not the bad field).
+    cwd = REPO / "tests"  # resolved from the repo root instead, "../configs/tiny.py" points outside it
+    rel = lambda p: os.path.relpath(p, cwd)
+    cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", rel(REPO / "configs/tiny.py"),
+           "--ft_config=", "--seeds=0", f"--root={tmp_path / 'out'}", "--args=--config.no_such_field=1",
+           f"--data_dir={rel(data_dir)}"]
+    proc = subprocess.run(cmd, cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "train.py" in proc.stderr and "no_such_field" in proc.stderr and "train_mta_s0.log" in proc.stderr
+    assert "No such file" not in proc.stderr and (tmp_path / "out" / "logs" / "train_mta_s0.log").is_file()
