@@ -37,6 +37,8 @@ def toy_group():
         items.append(EvalItem(f"b{k}", f"ACME share {k}", ("t1",), ("t1", "t2", "t4")))
     items.append(EvalItem("c0", "say bonjour", ("t2",), ("t3", "t4", "t2")))
     return tuple(EvalSet("toy/test", "toy", cat, tuple(items), seed=s) for s in (0, 1))
+
+
 def test_support_never_contains_the_scored_item(setup, monkeypatch):
     s, meta_params, bank = setup
     scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)

@@ -25,13 +25,12 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - STD_DDOF))
 
 
-def _common(per_seed: Mapping[int, dict], set_name: str, methods: Sequence[str]) -> list[int]:
-    """Seeds in order; raises if a seed lacks one of ``methods`` on ``set_name``."""
+def _check_methods(per_seed: Mapping[int, dict], set_name: str, methods: Sequence[str]) -> None:
+    """Raises KeyError if a seed lacks one of ``methods`` on ``set_name``."""
     for seed, results in per_seed.items():
         missing = [m for m in methods if m not in results.get(set_name, {})]
         if missing:
             raise KeyError(f"training seed {seed}: results for {set_name!r} lack methods {missing}")
-    return sorted(per_seed)
 
 
 def aggregate(per_seed: Mapping[int, dict], methods: Sequence[str] | None = None) -> dict:
@@ -61,7 +60,7 @@ def aggregate(per_seed: Mapping[int, dict], methods: Sequence[str] | None = None
     for s in sets:
         first = per_seed[seeds[0]][s]
         ms = [m for m in methods if m in first] if methods is not None else list(first)
-        _common(per_seed, s, ms)
+        _check_methods(per_seed, s, ms)
         out[s] = {}
         for m in ms:
             accs = [per_seed[seed][s][m]["accuracy"] for seed in seeds]
@@ -81,7 +80,7 @@ def paired(per_seed: Mapping[int, dict], a: str, b: str) -> dict:
     for s, row in per_seed[seeds[0]].items():
         if a not in row or b not in row:
             continue
-        _common(per_seed, s, (a, b))
+        _check_methods(per_seed, s, (a, b))
         diffs = [per_seed[seed][s][a]["accuracy"] - per_seed[seed][s][b]["accuracy"] for seed in seeds]
         mean, std = _mean_std(diffs)
         out[s] = {"mean": mean, "std": std, "wins": sum(d > 0 for d in diffs), "seeds": len(seeds)}
