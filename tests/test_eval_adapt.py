@@ -132,3 +132,57 @@ def test_test_time_inner_loop_overrides(setup):
     s2 = dataclasses.replace(s, meta=test_time_meta(s.meta, ev(adapt_steps=2)))
     two = adapt_lib.adapt_scorer(bank, s2, meta_params, shots=2)(group)
     assert max(np.abs(a - b).max() for a, b in zip(one[0], two[0])) > 1e-6
+
+
+def _relabelled(group, seed):
+    """The same items with their gold tools redrawn among their candidates."""
+    import dataclasses
+    rng = np.random.default_rng(seed)
+    golds = [it.candidates[int(rng.integers(len(it.candidates)))] for it in group[0].items]
+    return tuple(dataclasses.replace(es, items=tuple(dataclasses.replace(it, gold=(g,))
+                                                        for it, g in zip(es.items, golds)))
+                 for es in group)
+
+
+def test_unlabelled_adaptation_never_reads_a_gold_label(setup, monkeypatch):
+    """``mta_tta``: redrawing every item's gold leaves every score unchanged (it does change the
+    labelled scorer's, whose folds and support labels come from the golds); support labels are -1,
+    the support comes from the other half and is capped at ``max_support``."""
+    s, meta_params, bank = setup
+    group = toy_group()
+    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, labelled=False)
+    supports = []
+    original = scorer._support
+
+    def recording(eval_set, items):
+        batch = original(eval_set, items)
+        supports.append(([it.id for it in items], batch["label"]))
+        return batch
+
+    monkeypatch.setattr(scorer, "_support", recording)
+    scores = scorer(group)
+    assert len(supports) == 2 and all((lab == -1).all() and len(ids) == 4 for ids, lab in supports)
+    assert set(supports[0][0]).isdisjoint(supports[1][0])
+    for relabel_seed in (1, 2):
+        again = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, labelled=False)(
+            _relabelled(group, relabel_seed))
+        for a, b in zip(scores[0], again[0]):
+            np.testing.assert_array_equal(a, b)
+    labelled = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4)
+    before, after = labelled(group), labelled(_relabelled(group, 1))
+    assert max(np.abs(a - b).max() for a, b in zip(before[0], after[0])) > 1e-6
+
+
+def test_unlabelled_adaptation_moves_the_scores(setup):
+    """The entropy inner step changes the LoRA: the scores differ from the unadapted initialisation's."""
+    import functools
+
+    from mta_jax.data.render import tool_text
+    from mta_jax.eval.methods import embedding_scorer
+
+    s, meta_params, bank = setup
+    group = toy_group()
+    adapted = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, labelled=False)(group)
+    init = meta.initial_params(meta_params, s.meta)
+    plain = embedding_scorer(bank.embed_fn(init), render=functools.partial(tool_text, style=s.data.doc_style))(group)
+    assert max(np.abs(a - b).max() for a, b in zip(adapted[0], plain[0])) > 1e-6

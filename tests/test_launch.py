@@ -106,12 +106,12 @@ def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
             for g in names[:2] for k in range(4)]
     (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
-        f"--ft_workdir={trained}", "--methods=mta,mta_adapt,ft_adapt", "--sets=", f"--eval_dirs={d}",
+        f"--ft_workdir={trained}", "--methods=mta,mta_adapt,ft_adapt,mta_tta,ft_tta", "--sets=", f"--eval_dirs={d}",
         f"--data_dir={data_dir}")
     results = report.read_results(trained / "eval" / "results.json")
     assert set(results) == {"adaptset/test"}
     row = results["adaptset/test"]
-    assert set(row) == {"mta", "mta_adapt", "ft_adapt"} and all(e["n"] == 8 for e in row.values())
+    assert set(row) == {"mta", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta"} and all(e["n"] == 8 for e in row.values())
 
 
 def test_config_files_load_and_report_bad_paths(tmp_path):

@@ -159,3 +159,17 @@ def test_bad_configs_and_pools():
     bad = [protocol.ProtocolItem("q::b", "q", "b", None, ())]
     with pytest.raises(ValueError, match="not a train tool"):
         episodes.build_pool([("x", records.Catalogue(tools), {"a": "train", "b": "test"}, bad)])
+
+
+def test_hidden_support_labels_mask_only_the_support_labels(pool):
+    """``support_labels="hidden"`` draws the same episodes and sets every support label to -1."""
+    gold = episodes.EpisodeSampler(pool, episodes.EpisodeConfig(), seed=5)
+    hidden = episodes.EpisodeSampler(pool, episodes.EpisodeConfig(support_labels="hidden"), seed=5)
+    for step in range(3):
+        a, b = gold.batch(step, 4), hidden.batch(step, 4)
+        assert (b["support_label"] == -1).all() and (a["support_label"] >= 0).all()
+        for k in a:
+            if k != "support_label":
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    with pytest.raises(ValueError, match="support_labels"):
+        episodes.EpisodeConfig(support_labels="none")

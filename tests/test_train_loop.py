@@ -139,3 +139,20 @@ def test_periodic_validation_of_a_decoder_is_an_error(tmp_path, data_dir):
     c = load_config("tiny_decoder", eval_every=2, log_every=2)
     with pytest.raises(ValueError, match="implemented for encoder models"):
         loop.train(c, tmp_path / "dec", str(data_dir))
+
+
+def test_hidden_support_labels_train_on_the_entropy(tmp_path, data_dir):
+    """Unlabelled support (entropy inner loss): trains, its support loss is an entropy (<= log C), and
+    it is another run than the labelled one from the same episodes; bad combinations are errors."""
+    base = {"meta.support_weight": 0.0, "steps": 2, "log_every": 2, "checkpoint_every": 2}
+    loop.train(tiny_config(**base), tmp_path / "gold", str(data_dir))
+    loop.train(tiny_config(**base, **{"episode.support_labels": "hidden"}), tmp_path / "hidden", str(data_dir))
+    gold, hidden = (metrics_lib.read_metrics(tmp_path / k)[-1] for k in ("gold", "hidden"))
+    c = tiny_config().episode.candidates
+    assert np.isfinite(hidden["outer/loss"]) and 0 < hidden["inner/loss_pre"] <= np.log(c) + 1e-6
+    assert hidden["outer/loss"] != pytest.approx(gold["outer/loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="support_weight=0"):
+        loop.train(tiny_config(**{"episode.support_labels": "hidden"}), tmp_path / "sw", str(data_dir))
+    with pytest.raises(ValueError, match="inner loop"):
+        loop.train(tiny_config(**base, **{"episode.support_labels": "hidden", "meta.algorithm": "pooled",
+                                          "meta.inner_steps": 0}), tmp_path / "pooled", str(data_dir))

@@ -14,6 +14,12 @@ tool: that selected the model by the answer and inflated ``mta_adapt``/``ft_adap
 MetaTool and 34 on ToolLens. ``tests/test_eval_adapt.py`` checks that the gold labels of the scored
 items cannot change their scores.)
 
+``mta_tta`` / ``ft_tta`` (``labelled=False``) adapt without any label: the items are split into
+two halves by a seeded permutation (not by gold tool), each half's LoRA is adapted on up to
+``max_support`` of the *other* half's queries with their shipped candidates and the support label
+-1, so the inner loss is the entropy of their candidate distribution (test-time adaptation on
+unlabelled queries, as a deployment sees them before any feedback).
+
 The items are the same in every protocol seed file of a set (only the distractors differ), so the
 folds and support sets come from the first seed file and serve all of them.
 """
@@ -52,19 +58,21 @@ class AdaptScorer:
       meta_params: the trained meta-parameters (``MetaState.params``).
       shots: support items per unseen tool.
       max_support: most support items per adaptation (bounds memory on large tool sets).
+      labelled: ``False``: adapt on unlabelled queries (support label -1, entropy inner loss), with
+        folds and support drawn without looking at any gold tool (``shots`` is then unused).
 
     Attributes:
       support_sizes: ``(set name, fold, items, tools)`` of every adaptation, for reporting.
     """
 
     def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int,
-                 max_support: int = DEFAULT_MAX_SUPPORT):
+                 max_support: int = DEFAULT_MAX_SUPPORT, labelled: bool = True):
         if shots < 1:
             raise ValueError(f"mta_adapt needs shots >= 1, got {shots}")
         if max_support < 1:
             raise ValueError(f"mta_adapt needs max_support >= 1, got {max_support}")
         self.bank, self.s, self.meta_params = bank, settings, meta_params
-        self.shots, self.max_support = shots, max_support
+        self.shots, self.max_support, self.labelled = shots, max_support, labelled
         self.support_sizes: list[tuple[str, int, int, int]] = []
         loss = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=settings.loss_scale)
         self._adapt = jax.jit(functools.partial(meta.adapt_for_eval, algo=settings.meta, loss_fn=loss,
@@ -96,7 +104,7 @@ class AdaptScorer:
         for i, it in enumerate(items):
             for j, t in enumerate(it.candidates):
                 cands[i, j] = docs.setdefault(t, len(docs))
-            labels[i] = it.candidates.index(it.gold[0])
+            labels[i] = it.candidates.index(it.gold[0]) if self.labelled else -1
         texts = [self._doc(eval_set, t) for t in docs]
         tool_h, tool_mask = self._bottoms(texts, self.s.data.doc_len, _round_up(len(texts)))
         queries = [it.query for it in items]
@@ -114,13 +122,9 @@ class AdaptScorer:
                     chosen.append(items[int(idx[rank])])
         return chosen
 
-    def __call__(self, group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
-        first = group[0]
-        for s in group[1:]:
-            if [it.id for it in s.items] != [it.id for it in first.items]:
-                raise ValueError(f"{s.name}: seed {s.seed} lists other items than seed {first.seed}")
-        if any(it.candidates is None for it in first.items):
-            raise ValueError(f"mta_adapt needs shipped candidates; {first.name} ranks the whole pool")
+    @staticmethod
+    def _folds(first: EvalSet) -> tuple[dict, dict]:
+        """Per gold tool, a seeded half of its items in each fold (``{tool: item indices}``)."""
         by_tool: dict[str, list[int]] = {}
         for i, it in enumerate(first.items):
             by_tool.setdefault(it.gold[0], []).append(i)
@@ -129,10 +133,30 @@ class AdaptScorer:
             rng = np.random.default_rng((first.seed or 0, zlib.crc32(tool.encode("utf-8"))))
             perm = rng.permutation(idx)
             folds[0][tool], folds[1][tool] = perm[: len(perm) // 2], perm[len(perm) // 2:]
+        return folds
+
+    @staticmethod
+    def _unlabelled_folds(first: EvalSet) -> tuple[dict, dict]:
+        """Two halves of a seeded permutation of all items, each under the single key ``None``."""
+        perm = np.random.default_rng((first.seed or 0, len(first.items))).permutation(len(first.items))
+        half = len(perm) // 2
+        return {None: perm[:half]}, {None: perm[half:]}
+
+    def __call__(self, group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
+        first = group[0]
+        for s in group[1:]:
+            if [it.id for it in s.items] != [it.id for it in first.items]:
+                raise ValueError(f"{s.name}: seed {s.seed} lists other items than seed {first.seed}")
+        if any(it.candidates is None for it in first.items):
+            raise ValueError(f"mta_adapt needs shipped candidates; {first.name} ranks the whole pool")
+        folds = self._folds(first) if self.labelled else self._unlabelled_folds(first)
         out = [[None] * len(s.items) for s in group]
         for k in (0, 1):
             scored = sorted(int(i) for idx in folds[k].values() for i in idx)
-            support = self._support_items(first.items, {t: i for t, i in folds[1 - k].items() if len(i)})
+            if self.labelled:
+                support = self._support_items(first.items, {t: i for t, i in folds[1 - k].items() if len(i)})
+            else:  # the other half, in its seeded order (no gold tool consulted)
+                support = [first.items[int(i)] for i in folds[1 - k][None][: self.max_support]]
             if not scored:
                 continue
             if not support:
@@ -151,6 +175,6 @@ class AdaptScorer:
 
 
 def adapt_scorer(bank: SharedBottomEncoder, settings, meta_params, shots: int,
-                 max_support: int = DEFAULT_MAX_SUPPORT) -> AdaptScorer:
+                 max_support: int = DEFAULT_MAX_SUPPORT, labelled: bool = True) -> AdaptScorer:
     """Factory used by the evaluation wiring (``train/evaluate.py``)."""
-    return AdaptScorer(bank, settings, meta_params, shots, max_support)
+    return AdaptScorer(bank, settings, meta_params, shots, max_support, labelled)

@@ -19,14 +19,23 @@ from mta_jax.model import encoder
 def candidate_cross_entropy(scores: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
     """Mean cross-entropy of ``scores [..., C]`` against gold positions ``labels [...]``.
 
+    An item whose label is negative is *unlabelled*: it contributes the entropy of its candidate
+    distribution instead, ``-sum_c p_c log p_c`` (test-time adaptation on queries without labels,
+    as in entropy minimisation; Wang et al., 2021, "Tent"). Labelled and unlabelled items may mix.
+
     Returns:
-      ``(loss, {"acc": top-1 accuracy})``; ties in the argmax go to the first candidate, as in eval.
+      ``(loss, {"acc": top-1 accuracy over the labelled items (0 when none is)})``; ties in the
+      argmax go to the first candidate, as in eval.
     """
-    scores = scores.astype(jnp.float32)
+    scores = jnp.asarray(scores)
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # bf16 -> f32; f64 stays
     logp = jax.nn.log_softmax(scores, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    acc = (jnp.argmax(scores, axis=-1) == labels).astype(jnp.float32)
-    return nll.mean(), {"acc": acc.mean()}
+    labelled = labels >= 0
+    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    hit = (jnp.argmax(scores, axis=-1) == labels) & labelled
+    acc = jnp.sum(hit) / jnp.maximum(jnp.sum(labelled), 1)
+    return jnp.where(labelled, nll, entropy).mean(), {"acc": acc.astype(scores.dtype)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +48,8 @@ class BiEncoderLoss:
 
     * ``tool_h [N, Td, D]``, ``tool_mask [N, Td]``: hidden states of the docs after layer ``start``.
     * ``query_h [S, Tq, D]``, ``query_mask [S, Tq]``: the same for the item queries.
-    * ``cands [S, C]``: each item's candidates as indices into the ``N`` docs; ``label [S]``: gold position.
+    * ``cands [S, C]``: each item's candidates as indices into the ``N`` docs; ``label [S]``: gold
+      position, or -1 for an unlabelled item (its loss is the entropy, see :func:`candidate_cross_entropy`).
 
     Score = ``scale * cos(query, doc)`` (the sentence-transformers MultipleNegativesRanking recipe).
 

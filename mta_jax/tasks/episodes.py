@@ -11,6 +11,7 @@ from mta_jax.tasks import protocol
 
 REGIMES = ("sd", "cd", "mixed")
 WEIGHTINGS = ("uniform", "items")
+SUPPORT_LABELS = ("gold", "hidden")
 # Host-side random streams (DESIGN.md "Randomness"): default_rng((seed, stream, step, task)).
 EPISODE_STREAM = 1
 POOLED_STREAM = 2
@@ -35,6 +36,10 @@ class EpisodeConfig:
       regime: ``"sd"`` (the N tools come from one domain, topped up from others if it is too small),
         ``"cd"`` (any domains) or ``"mixed"`` (a fair coin per episode).
       dataset_weighting: how an episode's dataset is picked: ``"uniform"`` or ``"items"`` (∝ train items).
+      support_labels: ``"gold"`` (labelled support items, k-shot adaptation) or ``"hidden"``: every
+        ``support_label`` is -1, so the inner loop sees the support queries and their candidates but
+        not the answers (it minimises their entropy: test-time adaptation on unlabelled queries). The
+        random stream is the same either way: only the labels are masked.
     """
 
     tools_per_episode: int = 8
@@ -43,6 +48,7 @@ class EpisodeConfig:
     candidates: int = 5
     regime: str = "mixed"
     dataset_weighting: str = "uniform"
+    support_labels: str = "gold"
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -50,6 +56,9 @@ class EpisodeConfig:
         if self.dataset_weighting not in WEIGHTINGS:
             raise ValueError(f"EpisodeConfig.dataset_weighting must be one of {WEIGHTINGS}, "
                              f"got {self.dataset_weighting!r}")
+        if self.support_labels not in SUPPORT_LABELS:
+            raise ValueError(f"EpisodeConfig.support_labels must be one of {SUPPORT_LABELS}, "
+                             f"got {self.support_labels!r}")
         if not 2 <= self.candidates <= self.tools_per_episode:
             raise ValueError(f"need 2 <= candidates ({self.candidates}) <= tools_per_episode "
                              f"({self.tools_per_episode})")
@@ -246,6 +255,8 @@ class EpisodeSampler:
             try:
                 s_items, s_cands, s_label = self._items(rng, tools, cfg.support, used)
                 q_items, q_cands, q_label = self._items(rng, tools, cfg.query, used)
+                if cfg.support_labels == "hidden":
+                    s_label = np.full_like(s_label, -1)
                 break
             except _NoCandidates as e:
                 # Small episodes (C close to N) can draw a tool whose items all mark several of the

@@ -27,7 +27,10 @@ from mta_jax.eval import sets as sets_lib
 from mta_jax.train import loop
 from mta_jax.train import workloads
 
-TRAINED = ("mta", "ft", "mta_adapt", "ft_adapt")
+TRAINED = ("mta", "ft", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta")
+# Methods that adapt to the unseen tools before predicting: whether their support items are labelled
+# (k-shot adaptation) or not (test-time adaptation on unlabelled queries; entropy inner loss).
+ADAPTED_LABELLED = {"mta_adapt": True, "ft_adapt": True, "mta_tta": False, "ft_tta": False}
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Sequence[str],
@@ -38,7 +41,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     Args:
       config: the experiment config (model, eval settings).
       workdir: the run to evaluate (``mta``, ``mta_adapt`` and, without ``ft_workdir``, ``ft``).
-      methods: method names (``random``, ``bm25``, ``zero_shot``, ``mta``, ``ft``, ``mta_adapt``).
+      methods: method names (``random``, ``bm25``, ``zero_shot``, ``mta``, ``ft``, ``mta_adapt``,
+        ``ft_adapt``, ``mta_tta``, ``ft_tta``).
       sets: built-in eval set names and/or normalized-format folders.
       data_dir: benchmark data root (default ``$MTA_DATA_DIR``).
       ft_workdir: the FT baseline's workdir.
@@ -65,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     trained = {}
     for m in methods:
         if m in TRAINED:
-            src = ft_workdir if (m in ("ft", "ft_adapt") and ft_workdir is not None) else workdir
+            src = ft_workdir if (m.startswith("ft") and ft_workdir is not None) else workdir
             trained[m] = loop.restore_trained(src, base, name)
     # Share the frozen bottom across methods: the lowest LoRA layer over all trained runs.
     first = min([s.lora.first_layer for s, _, _ in trained.values()] or [cfg.num_layers - 1])
@@ -83,20 +87,22 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             settings, _, lora = trained[m]
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
-        elif m == "mta_adapt":
+        elif m in ("mta_adapt", "mta_tta"):
             s, meta_params, _ = trained[m]
             s = dataclasses.replace(s, meta=test_time_meta(s.meta, config.eval))
-            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, **adapt_kwargs)
-        elif m == "ft_adapt":
+            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, labelled=ADAPTED_LABELLED[m],
+                                                **adapt_kwargs)
+        elif m in ("ft_adapt", "ft_tta"):
             # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
             # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
             ft_settings, _, ft_lora = trained[m]
-            mta_run = next((trained[k] for k in ("mta", "mta_adapt") if k in trained), None)
+            mta_run = next((trained[k] for k in ("mta", "mta_adapt", "mta_tta") if k in trained), None)
             mta_settings = (mta_run or loop.restore_trained(workdir, base, name))[0]
             if mta_settings.meta.inner.steps == 0:
-                raise ValueError(f"ft_adapt borrows the inner loop of {workdir}, which has inner_steps=0")
+                raise ValueError(f"{m} borrows the inner loop of {workdir}, which has inner_steps=0")
             settings = dataclasses.replace(ft_settings, meta=test_time_meta(mta_settings.meta, config.eval))
-            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, **adapt_kwargs)
+            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, labelled=ADAPTED_LABELLED[m],
+                                                **adapt_kwargs)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     # One frozen-bottom pass over every text any embedding method will see, in full batches.
@@ -154,8 +160,8 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
                 raise ValueError(f"method {m!r}: {base_name!r} has no decoder variants")
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
             continue
-        if base_name == "mta_adapt":
-            raise ValueError("mta_adapt is not implemented for decoder models")
+        if base_name in ADAPTED_LABELLED:
+            raise ValueError(f"{base_name} is not implemented for decoder models")
         lora = None
         if base_name in TRAINED:
             src = ft_workdir if (base_name == "ft" and ft_workdir is not None) else workdir

@@ -87,7 +87,7 @@ def meta_config(m: ml_collections.ConfigDict) -> meta.MetaConfig:
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     """Converts the experiment config once; every field must be present in the config file."""
     c = config
-    return Settings(
+    settings = Settings(
         seed=c.seed, steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every,
         keep_checkpoints=c.keep_checkpoints, val=validation.val_settings(c.eval_every, c.eval), init_from=c.init_from,
         model_kind=c.model.kind, model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
@@ -101,3 +101,28 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         mesh=_dc(sharding.MeshConfig, c.mesh),
         prefetch=c.prefetch,
     )
+    _check_hidden_support(settings)
+    return settings
+
+
+def _check_hidden_support(s: Settings) -> None:
+    """Unlabelled support items only make sense for an inner loop whose outer loss never sees them.
+
+    Raises:
+      ValueError: ``episode.support_labels="hidden"`` with a decoder, with no inner loop, with an algorithm that
+        trains on the support items directly (pooled, reptile, imaml), or with
+        ``meta.support_weight > 0`` (whose term would be the support *entropy*, not a supervised loss).
+    """
+    if s.episode.support_labels != "hidden":
+        return
+    m = s.meta
+    if s.model_kind != "encoder":
+        raise ValueError(f"config.episode.support_labels='hidden' is implemented for the encoder workload only, "
+                         f"not model.kind={s.model_kind!r}")
+    if m.name in ("pooled", "reptile", "imaml") or m.inner.steps == 0:
+        raise ValueError(f"config.episode.support_labels='hidden' needs an inner loop that adapts on the "
+                         f"unlabelled support items (maml, fomaml, anil, meta_sgd with inner_steps > 0); "
+                         f"got meta.algorithm={m.name!r}, inner_steps={m.inner.steps}")
+    if m.support_weight:
+        raise ValueError("config.episode.support_labels='hidden' needs config.meta.support_weight=0: its "
+                         "term would train the initialisation on the support items' entropy")
