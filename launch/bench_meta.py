@@ -52,6 +52,8 @@ flags.DEFINE_bool("one_call", False, "JAX: pad queries to the doc length and enc
                   "one encoder call (one layer scan instead of two per loss)")
 flags.DEFINE_integer("task_chunk", 0, "JAX: tasks per chunk of a sequential lax.map (0: vmap all tasks)")
 flags.DEFINE_bool("compile_only", False, "JAX only: report compile time and XLA temp memory, run nothing")
+flags.DEFINE_integer("scan_unroll", 1, "JAX: EncoderConfig.scan_unroll (layers per scan iteration)")
+flags.DEFINE_bool("fuse_qkv", False, "JAX: one matmul for the q/k/v projections (EncoderConfig.fuse_qkv)")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
 F = flags.FLAGS
 
@@ -200,9 +202,10 @@ class TorchMAML:
 
 def main(argv):
     del argv
+    import dataclasses
     cfg, base = enc.load_default()
+    cfg = dataclasses.replace(cfg, fuse_qkv=F.fuse_qkv, scan_unroll=F.scan_unroll)
     if F.encoder_remat:
-        import dataclasses
         cfg = dataclasses.replace(cfg, remat=True if F.encoder_remat == "full" else F.encoder_remat)
     base = jax.device_put(base)
     lora = lora_lib.init_lora(jax.random.PRNGKey(0), base, lora_lib.LoRAConfig(rank=RANK, alpha=ALPHA))
@@ -216,7 +219,7 @@ def main(argv):
     outer = optax.adam(1e-4)
     ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch and not F.compile_only else None
     print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
-          f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} load={os.getloadavg()[0]:.1f} "
+          f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} fuse_qkv={F.fuse_qkv} scan_unroll={F.scan_unroll} load={os.getloadavg()[0]:.1f} "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
     print("steps remat | jax_compile_s jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB "
           "| torch/jax")

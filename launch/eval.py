@@ -3,8 +3,10 @@
   python launch/eval.py --config configs/minilm_mta.py --workdir DIR \
       [--methods=random,bm25,zero_shot,mta,ft] [--eval_dirs=D1,D2] [--ft_workdir=FT_DIR]
 
-``random``, ``bm25`` and ``zero_shot`` need no checkpoint; ``mta`` and ``mta_adapt`` use the
-workdir's checkpoint; ``ft`` uses ``--ft_workdir`` when given, else the workdir's checkpoint.
+``random``, ``bm25`` and ``zero_shot`` need no checkpoint; ``mta``, ``mta_adapt`` (k-shot
+adaptation on labelled queries of the unseen tools) and ``mta_tta`` (adaptation on unlabelled
+queries) use the workdir's checkpoint; ``ft``, ``ft_adapt`` and ``ft_tta`` use ``--ft_workdir`` when
+given, else the workdir's checkpoint (the ``*_adapt``/``*_tta`` pairs share the workdir's inner loop).
 Built-in sets come from ``config.eval.sets`` (override with ``--sets``); ``--eval_dirs`` adds every
 split file of each normalized-format folder as ``<basename>/<split stem>``.
 """

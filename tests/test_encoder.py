@@ -135,8 +135,9 @@ def test_run_layers_split_equals_full_forward():
         enc.run_layers(TINY, params, h0, mask, start=2, stop=1)
 
 
-@pytest.mark.parametrize("remat,unroll", [(True, 1), ("dots_with_no_batch_dims_saveable", 1), (False, 2)])
-def test_remat_and_unroll_give_same_values_and_second_order_grads(remat, unroll):
+@pytest.mark.parametrize("remat,unroll,fuse", [(True, 1, False), ("dots_with_no_batch_dims_saveable", 1, False),
+                                               (False, 2, False), (False, 1, True)])
+def test_remat_unroll_and_fused_qkv_give_same_values_and_second_order_grads(remat, unroll, fuse):
     params = enc.init_params(TINY, jax.random.key(3))
     ids, mask, _ = _tiny_batch(np.random.default_rng(3))
     lora = lora_lib.init_lora(jax.random.key(1), params, lora_lib.LoRAConfig(rank=2))
@@ -148,7 +149,7 @@ def test_remat_and_unroll_give_same_values_and_second_order_grads(remat, unroll)
         return jax.value_and_grad(g)(lora)
 
     v1, g1 = loss(TINY)
-    v2, g2 = loss(dataclasses.replace(TINY, remat=remat, scan_unroll=unroll))
+    v2, g2 = loss(dataclasses.replace(TINY, remat=remat, scan_unroll=unroll, fuse_qkv=fuse))
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 

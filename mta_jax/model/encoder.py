@@ -50,6 +50,8 @@ class EncoderConfig:
         name (see :mod:`mta_jax.model.remat`).
       scan_unroll: layers per iteration of the layer scan (``lax.scan(unroll=...)``; ``True``: all).
         1 compiles fastest; unrolling trades compile time for fewer per-layer buffer copies.
+      fuse_qkv: compute the q, k and v projections as one matmul against the concatenated kernels
+        (parameters keep their separate q/k/v layout; LoRA terms are added per projection).
     """
 
     vocab_size: int
@@ -64,6 +66,7 @@ class EncoderConfig:
     param_dtype: str = "float32"
     remat: bool | str = False
     scan_unroll: int | bool = 1
+    fuse_qkv: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -136,13 +139,30 @@ class Attention(nn.Module):
                                        param_dtype=cfg.param_dtype, name=name)
         b, t, _ = h.shape
         split = lambda x: x.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        q, k, v = (split(dense(n)(h)) for n in ("q", "k", "v"))
+        if cfg.fuse_qkv and not self.is_initializing():
+            q, k, v = (split(x) for x in self._fused_qkv(h))
+        else:
+            q, k, v = (split(dense(n)(h)) for n in ("q", "k", "v"))
         scores = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(cfg.head_dim).astype(q.dtype)
         # Softmax in float32 even in bf16 mode: the padding bias is ~-3e38 and logits need range.
         scores = scores.astype(_at_least_f32(scores.dtype)) + mask_bias
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         ctx = jnp.einsum("bhts,bshk->bthk", probs, v).reshape(b, t, cfg.hidden_size)
         return dense("o")(ctx)
+
+
+    def _fused_qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``q, k, v`` from one matmul against ``[W_q | W_k | W_v]``, plus each projection's LoRA."""
+        names = ("q", "k", "v")
+        params, adapters = self.variables["params"], self.variables.get("lora", {})
+        x = h.astype(self.cfg.dtype)
+        fused = {"kernel": jnp.concatenate([params[n]["kernel"] for n in names], axis=1),
+                 "bias": jnp.concatenate([params[n]["bias"] for n in names])}
+        y = lora_lib.lora_dense(x, fused, None, 1.0)
+        out = jnp.split(y, len(names), axis=-1)
+        return tuple(o if n not in adapters else
+                     o + self.lora_scale * ((x @ adapters[n]["a"].astype(x.dtype)) @ adapters[n]["b"].astype(x.dtype))
+                     for n, o in zip(names, out))
 
 
 class Mlp(nn.Module):
