@@ -1,7 +1,7 @@
 """Evaluates tool selection on unseen tools and writes ``DIR/eval/results.json``, a table and a chart.
 
   python launch/eval.py --config configs/minilm_mta.py --workdir DIR \
-      [--methods=random,bm25,zero_shot,mta,ft] [--eval_dirs=D1,D2] [--ft_workdir=FT_DIR]
+      [--methods=random,bm25,zero_shot,mta,ft] [--eval_dirs=D1,D2] [--ft_workdir=FT_DIR] [--out_dir=OUT]
 
 ``random``, ``bm25`` and ``zero_shot`` need no checkpoint; ``mta``, ``mta_adapt`` (k-shot
 adaptation on labelled queries of the unseen tools) and ``mta_tta`` (adaptation on unlabelled
@@ -28,6 +28,8 @@ _METHODS = flags.DEFINE_list("methods", None, "Methods to run (default: config.e
 _SETS = flags.DEFINE_list("sets", None, "Built-in eval sets (default: config.eval.sets).")
 _EVAL_DIRS = flags.DEFINE_list("eval_dirs", [], "Extra normalized-format data folders to evaluate.")
 _FT_WORKDIR = flags.DEFINE_string("ft_workdir", None, "Workdir of the FT baseline (default: --workdir).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where results.{json,md,png} go (default: WORKDIR/eval); "
+                               "another folder keeps an earlier evaluation of the run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,8 +44,9 @@ def main(argv):
         sets=tuple(_SETS.value if _SETS.value is not None else config.eval.sets) + tuple(_EVAL_DIRS.value),
         data_dir=_common.DATA_DIR.value,
         ft_workdir=pathlib.Path(_FT_WORKDIR.value) if _FT_WORKDIR.value else None,
+        out_dir=pathlib.Path(_OUT_DIR.value) if _OUT_DIR.value else None,
         log=logging.info)
-    out = pathlib.Path(_WORKDIR.value) / "eval"
+    out = pathlib.Path(_OUT_DIR.value or pathlib.Path(_WORKDIR.value) / "eval")
     print((out / "results.md").read_text(encoding="utf-8"))
     logging.info("wrote %s", json.dumps(sorted(p.name for p in out.iterdir())))
 

@@ -107,8 +107,11 @@ def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
     (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
         f"--ft_workdir={trained}", "--methods=mta,mta_adapt,ft_adapt,mta_tta,ft_tta", "--sets=", f"--eval_dirs={d}",
-        f"--data_dir={data_dir}")
-    results = report.read_results(trained / "eval" / "results.json")
+        f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}")
+    results = report.read_results(tmp_path / "out" / "results.json")  # --out_dir, not the workdir's eval/
+    earlier = trained / "eval" / "results.json"
+    assert not earlier.exists() or "adaptset/test" not in report.read_results(earlier)
+    assert (tmp_path / "out" / "results.md").is_file()
     assert set(results) == {"adaptset/test"}
     row = results["adaptset/test"]
     assert set(row) == {"mta", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta"} and all(e["n"] == 8 for e in row.values())

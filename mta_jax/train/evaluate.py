@@ -35,8 +35,8 @@ ADAPTED_LABELLED = {"mta_adapt": True, "ft_adapt": True, "mta_tta": False, "ft_t
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Sequence[str],
         sets: Sequence[str], data_dir: str | None = None, ft_workdir: pathlib.Path | None = None,
-        log: Callable[[str], None] = print) -> dict:
-    """Evaluates ``methods`` on ``sets`` and writes ``workdir/eval/results.{json,md,png}``.
+        log: Callable[[str], None] = print, out_dir: pathlib.Path | None = None) -> dict:
+    """Evaluates ``methods`` on ``sets`` and writes ``results.{json,md,png}`` to ``out_dir``.
 
     Args:
       config: the experiment config (model, eval settings).
@@ -47,6 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       data_dir: benchmark data root (default ``$MTA_DATA_DIR``).
       ft_workdir: the FT baseline's workdir.
       log: progress lines.
+      out_dir: the results folder (default ``workdir/eval``).
 
     Returns:
       The results dict (also written to disk).
@@ -64,7 +65,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
 
     if is_decoder:  # prompts + LM scoring; none of the encoder machinery below applies
         name, scorers = _decoder_scorers(config, workdir, methods, ft_workdir, log)
-        return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
+        return _evaluate_and_write(scorers, groups, out_dir or pathlib.Path(workdir) / "eval", methods, sets,
+                                   ft_workdir, name, t0, log)
     name, cfg, base, tok = workloads.load_backbone(config.model.path, config.model.dtype, False)
     trained = {}
     for m in methods:
@@ -113,7 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             [tuple(g) for g in groups.values()], r)))
         bank.bottom_rows(texts)
         log(f"frozen bottom ({first} layers) over {len(texts)} texts in {time.perf_counter() - t1:.1f}s")
-    return _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log)
+    return _evaluate_and_write(scorers, groups, out_dir or pathlib.Path(workdir) / "eval", methods, sets,
+                               ft_workdir, name, t0, log)
 
 
 def test_time_meta(algo, eval_config):
@@ -174,10 +177,10 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
     return bb.name, scorers
 
 
-def _evaluate_and_write(scorers, groups, workdir, methods, sets, ft_workdir, name, t0, log) -> dict:
-    """Runs the scorers on the groups and writes ``results.{json,md,png}`` and ``run.json``."""
+def _evaluate_and_write(scorers, groups, out, methods, sets, ft_workdir, name, t0, log) -> dict:
+    """Runs the scorers on the groups and writes ``results.{json,md,png}`` and ``run.json`` to ``out``."""
     results = metrics_lib.evaluate(scorers, groups, log=log)
-    out = pathlib.Path(workdir) / "eval"
+    out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_results(out / "results.json", results)
     (out / "results.md").write_text(report.markdown_table(results, list(methods)), encoding="utf-8")
