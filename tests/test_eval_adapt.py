@@ -150,7 +150,7 @@ def test_unlabelled_adaptation_never_reads_a_gold_label(setup, monkeypatch):
     the support comes from the other half and is capped at ``max_support``."""
     s, meta_params, bank = setup
     group = toy_group()
-    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, labelled=False)
+    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, support="unlabelled")
     supports = []
     original = scorer._support
 
@@ -164,7 +164,7 @@ def test_unlabelled_adaptation_never_reads_a_gold_label(setup, monkeypatch):
     assert len(supports) == 2 and all((lab == -1).all() and len(ids) == 4 for ids, lab in supports)
     assert set(supports[0][0]).isdisjoint(supports[1][0])
     for relabel_seed in (1, 2):
-        again = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, labelled=False)(
+        again = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, support="unlabelled")(
             _relabelled(group, relabel_seed))
         for a, b in zip(scores[0], again[0]):
             np.testing.assert_array_equal(a, b)
@@ -182,7 +182,38 @@ def test_unlabelled_adaptation_moves_the_scores(setup):
 
     s, meta_params, bank = setup
     group = toy_group()
-    adapted = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, labelled=False)(group)
+    adapted = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="unlabelled")(group)
     init = meta.initial_params(meta_params, s.meta)
     plain = embedding_scorer(bank.embed_fn(init), render=functools.partial(tool_text, style=s.data.doc_style))(group)
     assert max(np.abs(a - b).max() for a, b in zip(adapted[0], plain[0])) > 1e-6
+
+
+def test_docs_adaptation_uses_only_the_tools_docs(setup, monkeypatch):
+    """``mta_docs``: one pseudo-item per candidate tool (its description, labelled with itself);
+    changing one item's query changes that item's scores only, and relabelling changes nothing."""
+    import dataclasses
+
+    s, meta_params, bank = setup
+    group = toy_group()
+    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="docs")
+    supports = []
+    original = scorer._support
+    monkeypatch.setattr(scorer, "_support", lambda es, items: (supports.append(items), original(es, items))[1])
+    scores = scorer(group)
+    (items,) = supports
+    cat = group[0].catalogue
+    assert [it.gold[0] for it in items] == ["t0", "t1", "t2", "t3", "t4"]
+    for it in items:
+        assert it.query == cat[it.gold[0]].description and it.gold[0] in it.candidates
+        assert len(set(it.candidates)) == 3  # C = the set's candidate count
+    again = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="docs")(_relabelled(group, 3))
+    for a, b in zip(scores[0], again[0]):
+        np.testing.assert_array_equal(a, b)
+    edited = tuple(dataclasses.replace(es, items=(dataclasses.replace(es.items[0], query="something else"),)
+                                       + es.items[1:]) for es in group)
+    moved = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="docs")(edited)
+    assert np.abs(moved[0][0] - scores[0][0]).max() > 1e-6
+    for a, b in zip(scores[0][1:], moved[0][1:]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="support must be one of"):
+        adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="queries")

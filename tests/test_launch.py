@@ -106,7 +106,7 @@ def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
             for g in names[:2] for k in range(4)]
     (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
-        f"--ft_workdir={trained}", "--methods=mta,mta_adapt,ft_adapt,mta_tta,ft_tta", "--sets=", f"--eval_dirs={d}",
+        f"--ft_workdir={trained}", "--methods=mta,mta_adapt,ft_adapt,mta_tta,ft_tta,mta_docs,ft_docs", "--sets=", f"--eval_dirs={d}",
         f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}")
     results = report.read_results(tmp_path / "out" / "results.json")  # --out_dir, not the workdir's eval/
     earlier = trained / "eval" / "results.json"
@@ -114,7 +114,7 @@ def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
     assert (tmp_path / "out" / "results.md").is_file()
     assert set(results) == {"adaptset/test"}
     row = results["adaptset/test"]
-    assert set(row) == {"mta", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta"} and all(e["n"] == 8 for e in row.values())
+    assert set(row) == {"mta", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta", "mta_docs", "ft_docs"} and all(e["n"] == 8 for e in row.values())
 
 
 def test_config_files_load_and_report_bad_paths(tmp_path):

@@ -173,3 +173,21 @@ def test_hidden_support_labels_mask_only_the_support_labels(pool):
                 np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     with pytest.raises(ValueError, match="support_labels"):
         episodes.EpisodeConfig(support_labels="none")
+
+
+def test_doc_support_items_are_the_episode_tools_labelled_with_themselves(pool):
+    cfg = episodes.EpisodeConfig(support=8, query=10, support_source="docs")
+    b = episodes.EpisodeSampler(pool, cfg, seed=2).batch(0, 4)
+    for e in range(4):
+        tools = b["tools"][e]
+        own = b["support_items"][e]
+        assert len(set(own.tolist())) == 8 and set(own.tolist()) == set(tools.tolist())
+        for j in range(8):
+            row = b["support_cands"][e, j]
+            assert len(set(row.tolist())) == cfg.candidates and tools[row[b["support_label"][e, j]]] == own[j]
+        for j, i in enumerate(b["query_items"][e]):  # query items stay labelled train queries
+            assert tools[b["query_cands"][e, j][b["query_label"][e, j]]] == pool.item_gold[i]
+    with pytest.raises(ValueError, match="support_source='docs' needs"):
+        episodes.EpisodeConfig(support=9, support_source="docs")
+    with pytest.raises(ValueError, match="support_source"):
+        episodes.EpisodeConfig(support_source="examples")

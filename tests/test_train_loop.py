@@ -156,3 +156,23 @@ def test_hidden_support_labels_train_on_the_entropy(tmp_path, data_dir):
     with pytest.raises(ValueError, match="inner loop"):
         loop.train(tiny_config(**base, **{"episode.support_labels": "hidden", "meta.algorithm": "pooled",
                                           "meta.inner_steps": 0}), tmp_path / "pooled", str(data_dir))
+
+
+def test_doc_support_trains_from_the_tools_docs(tmp_path, data_dir, monkeypatch):
+    """``support_source="docs"``: the support queries are the episode tools' pseudo-queries (checked on
+    the table the workload builds) and the run differs from the labelled-items one."""
+    from mta_jax.data import render
+    from mta_jax.train import state as state_lib
+    from mta_jax.train import workloads
+
+    over = {"meta.support_weight": 0.0, "steps": 2, "log_every": 2, "checkpoint_every": 2,
+            "episode.support": 3, "episode.support_source": "docs"}
+    wl = workloads.EncoderWorkload(state_lib.settings_from_config(tiny_config(**over)), data_dir)
+    t = 7
+    want, _ = wl.tok.encode([render.pseudo_query(wl.pool.tools[t])], wl.s.data.query_len)
+    np.testing.assert_array_equal(wl.tables(wl.base)["docq_ids"][t], want[0])
+    loop.train(tiny_config(**over), tmp_path / "docs", str(data_dir))
+    loop.train(tiny_config(**{k: v for k, v in over.items() if k != "episode.support_source"}),
+               tmp_path / "items", str(data_dir))
+    docs, items = (metrics_lib.read_metrics(tmp_path / k)[-1] for k in ("docs", "items"))
+    assert np.isfinite(docs["outer/loss"]) and docs["outer/loss"] != pytest.approx(items["outer/loss"], rel=1e-6)

@@ -72,6 +72,15 @@ def tool_text(tool: Tool, style: str = "name_desc") -> str:
     return TOOL_TEXT_STYLES[style](tool)
 
 
+def pseudo_query(tool: Tool) -> str:
+    """A query-like text from a tool's documentation alone: its description (its name if it has none).
+
+    Used to adapt to unseen tools from their docs, without any labelled query
+    (``EpisodeConfig.support_source="docs"``, ``mta_docs``).
+    """
+    return tool.description.strip() or tool.name
+
+
 LABEL_STYLES: Mapping[str, Callable[[Tool], str]] = {
     "name": lambda t: t.name,
     "tool_name/name": lambda t: f"{_extra('tool_name', 'tool_name/name')(t)}/{t.name}",

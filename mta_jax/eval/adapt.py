@@ -14,11 +14,16 @@ tool: that selected the model by the answer and inflated ``mta_adapt``/``ft_adap
 MetaTool and 34 on ToolLens. ``tests/test_eval_adapt.py`` checks that the gold labels of the scored
 items cannot change their scores.)
 
-``mta_tta`` / ``ft_tta`` (``labelled=False``) adapt without any label: the items are split into
+``mta_tta`` / ``ft_tta`` (``support="unlabelled"``) adapt without any label: the items are split into
 two halves by a seeded permutation (not by gold tool), each half's LoRA is adapted on up to
 ``max_support`` of the *other* half's queries with their shipped candidates and the support label
 -1, so the inner loss is the entropy of their candidate distribution (test-time adaptation on
 unlabelled queries, as a deployment sees them before any feedback).
+
+``mta_docs`` / ``ft_docs`` (``support="docs"``) adapt from the unseen tools' documentation alone:
+every tool that appears among the set's candidates becomes one pseudo-item whose query is its own
+description (:func:`mta_jax.data.render.pseudo_query`) and whose candidates are it and ``C-1``
+other tools of the set (seeded); one adapted LoRA scores every item (no query text or label is used).
 
 The items are the same in every protocol seed file of a set (only the distractors differ), so the
 folds and support sets come from the first seed file and serve all of them.
@@ -37,9 +42,10 @@ from mta_jax import meta
 from mta_jax.data import render
 from mta_jax.eval import methods as methods_lib
 from mta_jax.eval.encoders import SharedBottomEncoder
-from mta_jax.eval.sets import EvalSet
+from mta_jax.eval.sets import EvalItem, EvalSet
 from mta_jax.meta import losses
 
+SUPPORTS = ("labelled", "unlabelled", "docs")
 DEFAULT_MAX_SUPPORT = 256  # support items per adaptation (MetaTool's 37 test tools x 5 shots fit)
 # Support doc rows are padded to a multiple of this (fewer distinct shapes to compile across sets).
 _PAD = 32
@@ -58,21 +64,25 @@ class AdaptScorer:
       meta_params: the trained meta-parameters (``MetaState.params``).
       shots: support items per unseen tool.
       max_support: most support items per adaptation (bounds memory on large tool sets).
-      labelled: ``False``: adapt on unlabelled queries (support label -1, entropy inner loss), with
-        folds and support drawn without looking at any gold tool (``shots`` is then unused).
+      support: ``"labelled"`` (k-shot, above), ``"unlabelled"`` (support label -1, entropy inner
+        loss; folds and support drawn without looking at any gold tool; ``shots`` unused) or
+        ``"docs"`` (pseudo-items from the tools' docs; no folds; ``shots`` unused).
 
     Attributes:
       support_sizes: ``(set name, fold, items, tools)`` of every adaptation, for reporting.
     """
 
     def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int,
-                 max_support: int = DEFAULT_MAX_SUPPORT, labelled: bool = True):
+                 max_support: int = DEFAULT_MAX_SUPPORT, support: str = "labelled"):
+        if support not in SUPPORTS:
+            raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
         if shots < 1:
             raise ValueError(f"mta_adapt needs shots >= 1, got {shots}")
         if max_support < 1:
             raise ValueError(f"mta_adapt needs max_support >= 1, got {max_support}")
         self.bank, self.s, self.meta_params = bank, settings, meta_params
-        self.shots, self.max_support, self.labelled = shots, max_support, labelled
+        self.shots, self.max_support, self.support = shots, max_support, support
+        self.labelled = support != "unlabelled"
         self.support_sizes: list[tuple[str, int, int, int]] = []
         loss = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=settings.loss_scale)
         self._adapt = jax.jit(functools.partial(meta.adapt_for_eval, algo=settings.meta, loss_fn=loss,
@@ -142,6 +152,30 @@ class AdaptScorer:
         half = len(perm) // 2
         return {None: perm[:half]}, {None: perm[half:]}
 
+    def _doc_items(self, first: EvalSet) -> list[EvalItem]:
+        """One pseudo-item per tool among the set's candidates (sorted ids, capped at ``max_support``)."""
+        tools = sorted({t for it in first.items for t in it.candidates})
+        c = max(len(it.candidates) for it in first.items)
+        rng = np.random.default_rng((first.seed or 0, len(tools)))
+        out = []
+        for tool in tools[: self.max_support]:
+            others = [t for t in tools if t != tool]
+            cands = [str(t) for t in rng.choice(others, min(c - 1, len(others)), replace=False)]
+            cands.insert(int(rng.integers(len(cands) + 1)), tool)
+            out.append(EvalItem(f"doc:{tool}", render.pseudo_query(first.catalogue[tool]), (tool,), tuple(cands)))
+        return out
+
+    def _score_with_docs(self, group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
+        support = self._doc_items(group[0])
+        if len(support) < 2:
+            raise ValueError(f"{group[0].name}: adapting from docs needs at least 2 candidate tools")
+        self.support_sizes.append((group[0].name, 0, len(support), len(support)))
+        lora = self._adapt(self.meta_params, self.bank.base, self._support(group[0], support))
+        try:
+            return methods_lib.embedding_scorer(self.bank.embed_fn(lora), self._render)(list(group))
+        finally:
+            self.bank.drop_embeddings(lora)
+
     def __call__(self, group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
         first = group[0]
         for s in group[1:]:
@@ -149,6 +183,8 @@ class AdaptScorer:
                 raise ValueError(f"{s.name}: seed {s.seed} lists other items than seed {first.seed}")
         if any(it.candidates is None for it in first.items):
             raise ValueError(f"mta_adapt needs shipped candidates; {first.name} ranks the whole pool")
+        if self.support == "docs":
+            return self._score_with_docs(group)
         folds = self._folds(first) if self.labelled else self._unlabelled_folds(first)
         out = [[None] * len(s.items) for s in group]
         for k in (0, 1):
@@ -175,6 +211,6 @@ class AdaptScorer:
 
 
 def adapt_scorer(bank: SharedBottomEncoder, settings, meta_params, shots: int,
-                 max_support: int = DEFAULT_MAX_SUPPORT, labelled: bool = True) -> AdaptScorer:
+                 max_support: int = DEFAULT_MAX_SUPPORT, support: str = "labelled") -> AdaptScorer:
     """Factory used by the evaluation wiring (``train/evaluate.py``)."""
-    return AdaptScorer(bank, settings, meta_params, shots, max_support, labelled)
+    return AdaptScorer(bank, settings, meta_params, shots, max_support, support)

@@ -12,6 +12,7 @@ from mta_jax.tasks import protocol
 REGIMES = ("sd", "cd", "mixed")
 WEIGHTINGS = ("uniform", "items")
 SUPPORT_LABELS = ("gold", "hidden")
+SUPPORT_SOURCES = ("items", "docs")
 # Host-side random streams (DESIGN.md "Randomness"): default_rng((seed, stream, step, task)).
 EPISODE_STREAM = 1
 POOLED_STREAM = 2
@@ -40,6 +41,11 @@ class EpisodeConfig:
         ``support_label`` is -1, so the inner loop sees the support queries and their candidates but
         not the answers (it minimises their entropy: test-time adaptation on unlabelled queries). The
         random stream is the same either way: only the labels are masked.
+      support_source: ``"items"`` (support items are labelled train queries) or ``"docs"``: the
+        support set is ``S`` of the episode's tools, each as a pseudo-item whose query is the tool's
+        own documentation (:func:`mta_jax.data.render.pseudo_query`) and whose candidates are it and
+        ``C-1`` other episode tools; then ``support_items`` holds *global tool indices*. The inner
+        loop thus adapts from the tools' docs alone, as it can for unseen tools (``mta_docs``).
     """
 
     tools_per_episode: int = 8
@@ -49,6 +55,7 @@ class EpisodeConfig:
     regime: str = "mixed"
     dataset_weighting: str = "uniform"
     support_labels: str = "gold"
+    support_source: str = "items"
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -59,6 +66,13 @@ class EpisodeConfig:
         if self.support_labels not in SUPPORT_LABELS:
             raise ValueError(f"EpisodeConfig.support_labels must be one of {SUPPORT_LABELS}, "
                              f"got {self.support_labels!r}")
+        if self.support_source not in SUPPORT_SOURCES:
+            raise ValueError(f"EpisodeConfig.support_source must be one of {SUPPORT_SOURCES}, "
+                             f"got {self.support_source!r}")
+        if self.support_source == "docs" and (self.support > self.tools_per_episode
+                                              or self.support_labels != "gold"):
+            raise ValueError(f"support_source='docs' needs support ({self.support}) <= tools_per_episode "
+                             f"({self.tools_per_episode}) and support_labels='gold' (a doc's label is its tool)")
         if not 2 <= self.candidates <= self.tools_per_episode:
             raise ValueError(f"need 2 <= candidates ({self.candidates}) <= tools_per_episode "
                              f"({self.tools_per_episode})")
@@ -241,6 +255,18 @@ class EpisodeSampler:
             items[j], cands[j] = pick, row
         return items, cands, labels
 
+    def _doc_items(self, rng, tools: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``S`` of the episode's tools as doc pseudo-items: ``(global tool ids, candidates, labels)``."""
+        cfg = self.config
+        n, c = len(tools), cfg.candidates
+        own = rng.choice(n, cfg.support, replace=False)
+        labels = rng.integers(0, c, cfg.support).astype(np.int32)
+        cands = np.empty((cfg.support, c), np.int32)
+        for j, g in enumerate(own):
+            distract = rng.choice([k for k in range(n) if k != g], c - 1, replace=False)
+            cands[j] = np.insert(distract, labels[j], g)
+        return tools[own].astype(np.int32), cands, labels
+
     def episode(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Draws one meta-task with ``rng`` (see the class docstring for the keys, without the T axis)."""
         cfg = self.config
@@ -253,7 +279,10 @@ class EpisodeSampler:
             assert self.pool.tool_is_train[tools].all(), "non-train tool sampled into an episode"
             used: set = set()
             try:
-                s_items, s_cands, s_label = self._items(rng, tools, cfg.support, used)
+                if cfg.support_source == "docs":
+                    s_items, s_cands, s_label = self._doc_items(rng, tools)
+                else:
+                    s_items, s_cands, s_label = self._items(rng, tools, cfg.support, used)
                 q_items, q_cands, q_label = self._items(rng, tools, cfg.query, used)
                 if cfg.support_labels == "hidden":
                     s_label = np.full_like(s_label, -1)

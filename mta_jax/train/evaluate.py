@@ -27,10 +27,11 @@ from mta_jax.eval import sets as sets_lib
 from mta_jax.train import loop
 from mta_jax.train import workloads
 
-TRAINED = ("mta", "ft", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta")
-# Methods that adapt to the unseen tools before predicting: whether their support items are labelled
-# (k-shot adaptation) or not (test-time adaptation on unlabelled queries; entropy inner loss).
-ADAPTED_LABELLED = {"mta_adapt": True, "ft_adapt": True, "mta_tta": False, "ft_tta": False}
+TRAINED = ("mta", "ft", "mta_adapt", "ft_adapt", "mta_tta", "ft_tta", "mta_docs", "ft_docs")
+# Methods that adapt to the unseen tools before predicting, by what they adapt on: labelled queries
+# (k-shot), unlabelled queries (entropy inner loss) or the tools' docs (see ``eval/adapt.py``).
+ADAPTED_SUPPORT = {"mta_adapt": "labelled", "ft_adapt": "labelled", "mta_tta": "unlabelled",
+                   "ft_tta": "unlabelled", "mta_docs": "docs", "ft_docs": "docs"}
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Sequence[str],
@@ -42,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       config: the experiment config (model, eval settings).
       workdir: the run to evaluate (``mta``, ``mta_adapt`` and, without ``ft_workdir``, ``ft``).
       methods: method names (``random``, ``bm25``, ``zero_shot``, ``mta``, ``ft``, ``mta_adapt``,
-        ``ft_adapt``, ``mta_tta``, ``ft_tta``).
+        ``ft_adapt``, ``mta_tta``, ``ft_tta``, ``mta_docs``, ``ft_docs``).
       sets: built-in eval set names and/or normalized-format folders.
       data_dir: benchmark data root (default ``$MTA_DATA_DIR``).
       ft_workdir: the FT baseline's workdir.
@@ -89,22 +90,20 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             settings, _, lora = trained[m]
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
-        elif m in ("mta_adapt", "mta_tta"):
+        elif m in ("mta_adapt", "mta_tta", "mta_docs"):
             s, meta_params, _ = trained[m]
             s = dataclasses.replace(s, meta=test_time_meta(s.meta, config.eval))
-            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, labelled=ADAPTED_LABELLED[m],
-                                                **adapt_kwargs)
-        elif m in ("ft_adapt", "ft_tta"):
+            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, support=ADAPTED_SUPPORT[m], **adapt_kwargs)
+        elif m in ("ft_adapt", "ft_tta", "ft_docs"):
             # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
             # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
             ft_settings, _, ft_lora = trained[m]
-            mta_run = next((trained[k] for k in ("mta", "mta_adapt", "mta_tta") if k in trained), None)
+            mta_run = next((trained[k] for k in TRAINED if k.startswith("mta") and k in trained), None)
             mta_settings = (mta_run or loop.restore_trained(workdir, base, name))[0]
             if mta_settings.meta.inner.steps == 0:
                 raise ValueError(f"{m} borrows the inner loop of {workdir}, which has inner_steps=0")
             settings = dataclasses.replace(ft_settings, meta=test_time_meta(mta_settings.meta, config.eval))
-            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, labelled=ADAPTED_LABELLED[m],
-                                                **adapt_kwargs)
+            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, support=ADAPTED_SUPPORT[m], **adapt_kwargs)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     # One frozen-bottom pass over every text any embedding method will see, in full batches.
@@ -163,7 +162,7 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
                 raise ValueError(f"method {m!r}: {base_name!r} has no decoder variants")
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
             continue
-        if base_name in ADAPTED_LABELLED:
+        if base_name in ADAPTED_SUPPORT:
             raise ValueError(f"{base_name} is not implemented for decoder models")
         lora = None
         if base_name in TRAINED:

@@ -102,6 +102,9 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         prefetch=c.prefetch,
     )
     _check_hidden_support(settings)
+    if settings.episode.support_source != "items" and settings.model_kind != "encoder":
+        raise ValueError(f"config.episode.support_source={settings.episode.support_source!r} is implemented for "
+                         f"the encoder workload only, not model.kind={settings.model_kind!r}")
     return settings
 
 

@@ -81,6 +81,10 @@ class EncoderWorkload:
         docs = [render.tool_text(t, style=s.data.doc_style) for t in self.pool.tools]
         self.doc_ids, self.doc_mask = self.tok.encode(docs, s.data.doc_len)
         self.query_ids, self.query_mask = self.tok.encode(list(self.pool.item_queries), s.data.query_len)
+        self.doc_queries = s.episode.support_source == "docs"
+        if self.doc_queries:  # support queries are the tools' own docs (support_items = tool ids)
+            self.docq_ids, self.docq_mask = self.tok.encode(
+                [render.pseudo_query(t) for t in self.pool.tools], s.data.query_len)
         self.loss_fn = losses.BiEncoderLoss(self.cfg, start=s.lora.first_layer, scale=s.loss_scale)
 
     def host_batch(self, step: int, num_tasks: int) -> dict[str, np.ndarray]:
@@ -90,8 +94,11 @@ class EncoderWorkload:
     def tables(self, base) -> dict[str, np.ndarray]:
         """Device-resident lookup tables: cached doc hidden states and tokenised queries."""
         doc_h = bottom_states(self.cfg, base, self.doc_ids, self.doc_mask, self.s.lora.first_layer)
-        return {"doc_h": doc_h, "doc_mask": self.doc_mask,
-                "query_ids": self.query_ids, "query_mask": self.query_mask}
+        tables = {"doc_h": doc_h, "doc_mask": self.doc_mask,
+                  "query_ids": self.query_ids, "query_mask": self.query_mask}
+        if self.doc_queries:
+            tables.update(docq_ids=self.docq_ids, docq_mask=self.docq_mask)
+        return tables
 
     def task_sets(self, base, tables, batch):
         """Turns an index batch into the loss's support and query batches (inside jit)."""
@@ -101,7 +108,8 @@ class EncoderWorkload:
         out = []
         for part in ("support", "query"):
             items = batch[f"{part}_items"]                    # [T, S]
-            ids, mask = tables["query_ids"][items], tables["query_mask"][items]
+            src = "docq" if part == "support" and self.doc_queries else "query"
+            ids, mask = tables[f"{src}_ids"][items], tables[f"{src}_mask"][items]
             t, n, length = ids.shape
             # Frozen bottom for this step's queries: no gradient flows into the base.
             h = encoder.run_layers(cfg, base, encoder.embed(cfg, base, ids.reshape(t * n, length)),
