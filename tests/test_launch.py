@@ -129,3 +129,16 @@ def test_config_files_load_and_report_bad_paths(tmp_path):
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(AttributeError, match="bad.py defines no get_config"):
         config_files.load(tmp_path / "bad.py")
+
+
+def test_long_configs_are_the_defaults_with_twenty_times_the_budget():
+    """The measured 20x runs used the default configs with these four overrides: keep it so."""
+    from mta_jax import config_files
+
+    budget = {"steps": 500, "tasks_per_step": 16, "checkpoint_every": 250, "log_every": 50}
+    for name in ("mta", "ft"):
+        base = config_files.load(REPO / "configs" / f"minilm_{name}.py")
+        long = config_files.load(REPO / "configs" / f"minilm_{name}_long.py")
+        for k, v in budget.items():
+            base[k] = v
+        assert long.to_dict() == base.to_dict(), name

@@ -1,0 +1,25 @@
+"""MTA at 20x the default budget: 500 outer steps x 16 episodes (the default: 100 x 4). For a GPU.
+
+Command:
+  python launch/train.py --config configs/minilm_mta_long.py --workdir runs/mta_long
+  python launch/train.py --config configs/minilm_ft_long.py  --workdir runs/ft_long
+  python launch/eval.py  --config configs/minilm_mta_long.py --workdir runs/mta_long \
+      --ft_workdir runs/ft_long --methods=ft,mta
+  (or all seeds at once: python launch/sweep.py --config configs/minilm_mta_long.py \
+      --ft_config configs/minilm_ft_long.py --seeds=0,1,2 --root runs/long --methods=ft,mta)
+Expected runtime (measured on one H200, JAX 0.11.2, 2-4 trainings sharing it): 4-5 min per training
+including ~2 min of compilation (0.25 s/step). On 2 CPU cores about 75 min (16 episodes at ~2.3 s
+per 4): not measured. Evaluation on the CPU: ~6 min for ft + mta on eight val/test sets.
+Expected metric: see BUILD_NOTES.md "Results", 20x budget (three training seeds; MTA above FT on
+MetaTool test by +0.6 to +1.1, ToolLens mixed).
+"""
+from mta_jax import config_files
+
+
+def get_config(arg=None):
+    c = config_files.sibling(__file__, "minilm_mta", arg)
+    c.steps = 500
+    c.tasks_per_step = 16
+    c.checkpoint_every = 250
+    c.log_every = 50
+    return c
