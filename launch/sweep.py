@@ -40,6 +40,8 @@ _SETS = flags.DEFINE_list("sets", None, "Eval sets (default: the config's eval.s
 _ARGS = flags.DEFINE_string("args", "", "Extra arguments for every train and eval command.")
 _MTA_ARGS = flags.DEFINE_string("mta_args", "", "Extra arguments for the MTA training only.")
 _FT_ARGS = flags.DEFINE_string("ft_args", "", "Extra arguments for the FT training only.")
+_REEVAL = flags.DEFINE_bool("reeval", False, "Evaluate every seed again, even where WORKDIR/eval already holds "
+                            "the same methods and sets and is newer than the checkpoints.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Seeds run concurrently.")
 flags.mark_flags_as_required(["root"])
 
@@ -68,6 +70,8 @@ def _run(cmd: list[str], log: pathlib.Path) -> float:
 
 
 def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathlib.Path:
+    from mta_jax.eval import sweep
+
     py, extra = sys.executable, shlex.split(_ARGS.value)
     mta_dir, ft_dir = root / f"mta_s{seed}", root / f"ft_s{seed}"
     logs = root / "logs"
@@ -84,6 +88,11 @@ def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathl
         eval_cmd += ["--ft_workdir", str(ft_dir)]
     if _SETS.value is not None:
         eval_cmd.append("--sets=" + ",".join(_SETS.value))
+    ft = ft_dir if _FT_CONFIG.value else None
+    if not _REEVAL.value and sweep.evaluation_is_current(mta_dir, _METHODS.value, _SETS.value, ft):
+        print(f"[sweep] seed {seed}: evaluation reused ({mta_dir / 'eval'} is newer than its checkpoints)",
+              flush=True)
+        return mta_dir / "eval" / "results.json"
     sec = _run(eval_cmd, logs / f"eval_s{seed}.log")
     print(f"[sweep] seed {seed}: evaluated in {sec:.0f}s", flush=True)
     return mta_dir / "eval" / "results.json"

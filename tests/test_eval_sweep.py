@@ -95,6 +95,34 @@ def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
         per_seed[s]["metatool/val_sd"]["mta"]["accuracy"] - per_seed[s]["metatool/val_sd"]["ft"]["accuracy"]
         for s in (0, 1)))
     assert "| metatool/val_sd |" in proc.stdout and (root / "logs" / "eval_s1.log").is_file()
+    # Run again naming tiny's one eval set: both evaluations are reused; with --reeval, redone.
+    again = cmd + ["--sets=metatool/val_sd"]
+    for extra, expect in (([], "evaluation reused"), (["--reeval"], "evaluated in")):
+        proc = subprocess.run(again + extra, cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count(expect) == 2, proc.stdout
+    assert set(report.read_results(root / "mta_s0" / "eval" / "results.json")) == {"metatool/val_sd"}
+
+
+def test_evaluation_is_current_needs_same_methods_sets_ft_and_newer_results(tmp_path):
+    mta, ft = tmp_path / "mta", tmp_path / "ft"
+    for d in (mta, ft):
+        (d / "checkpoints" / "4").mkdir(parents=True)
+        (d / "checkpoints" / "4" / "state").write_text("x")
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)      # nothing evaluated yet
+    (mta / "eval").mkdir()
+    (mta / "eval" / "results.json").write_text("{}")
+    (mta / "eval" / "run.json").write_text(json.dumps({"methods": ["ft", "mta"], "sets": ["a/b"],
+                                                       "ft_workdir": str(ft)}))
+    assert sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)
+    assert not sweep.evaluation_is_current(mta, ["mta"], ["a/b"], ft)              # other methods
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/c"], ft)        # other sets
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], None, ft)           # the config's sets
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], None)      # other FT run
+    later = (mta / "eval" / "results.json").stat().st_mtime + 10
+    os.utime(ft / "checkpoints" / "4" / "state", (later, later))                    # FT retrained since
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)
 
 
 def test_sweep_reports_the_failing_command(tmp_path, data_dir):

@@ -128,3 +128,28 @@ def write(out_dir: str | pathlib.Path, per_seed: Mapping[int, dict], methods: Se
         encoding="utf-8")
     (out_dir / "sweep.md").write_text(md, encoding="utf-8")
     return out_dir, md
+
+
+def _newest_mtime(folder: pathlib.Path) -> float:
+    return max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
+
+
+def evaluation_is_current(mta_dir: str | pathlib.Path, methods: Sequence[str], sets: Sequence[str] | None,
+                          ft_dir: str | pathlib.Path | None = None) -> bool:
+    """Whether ``mta_dir/eval`` already holds this evaluation, so a resumed sweep can skip it.
+
+    True only if ``results.json`` and ``run.json`` exist, ``run.json`` lists the same methods, the
+    same explicit ``sets`` (``None`` — the config's default sets — is never taken as current) and the
+    same FT workdir, and ``results.json`` is newer than every checkpoint file of both runs.
+    """
+    mta_dir = pathlib.Path(mta_dir)
+    results, run = mta_dir / "eval" / "results.json", mta_dir / "eval" / "run.json"
+    if sets is None or not (results.is_file() and run.is_file()):
+        return False
+    meta = json.loads(run.read_text(encoding="utf-8"))
+    if (list(meta.get("methods", [])) != list(methods) or list(meta.get("sets", [])) != list(sets)
+            or meta.get("ft_workdir") != (str(ft_dir) if ft_dir is not None else None)):
+        return False
+    written = results.stat().st_mtime
+    return all(written >= _newest_mtime(pathlib.Path(d) / "checkpoints") for d in (mta_dir, ft_dir) if d is not None)
+
