@@ -92,15 +92,23 @@ def test_support_is_capped_round_robin_over_tools(setup, monkeypatch):
         adapt_lib.adapt_scorer(bank, s, meta_params, shots=2, max_support=0)
 
 
+def _unadapted_scores(setup, group):
+    """Scores of the initialisation itself (no inner loop)."""
+    import functools
+
+    from mta_jax.data.render import tool_text
+    from mta_jax.eval.methods import embedding_scorer
+
+    s, meta_params, bank = setup
+    init = meta.initial_params(meta_params, s.meta)
+    return embedding_scorer(bank.embed_fn(init), render=functools.partial(tool_text, style=s.data.doc_style))(group)
+
+
 def test_adaptation_changes_scores_and_whole_pool_is_rejected(setup):
     s, meta_params, bank = setup
     group = toy_group()
     adapted = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)(group)
-    init = meta.initial_params(meta_params, s.meta)
-    from mta_jax.eval.methods import embedding_scorer
-    from mta_jax.data.render import tool_text
-    import functools
-    plain = embedding_scorer(bank.embed_fn(init), render=functools.partial(tool_text, style=s.data.doc_style))(group)
+    plain = _unadapted_scores(setup, group)
     diff = max(np.abs(a - b).max() for a, b in zip(adapted[0], plain[0]))
     assert diff > 1e-6                            # the inner loop moved the LoRA
     pool = (EvalSet("p", "toy", group[0].catalogue, (EvalItem("x", "q", ("t0",), None),)),)
@@ -175,16 +183,10 @@ def test_unlabelled_adaptation_never_reads_a_gold_label(setup, monkeypatch):
 
 def test_unlabelled_adaptation_moves_the_scores(setup):
     """The entropy inner step changes the LoRA: the scores differ from the unadapted initialisation's."""
-    import functools
-
-    from mta_jax.data.render import tool_text
-    from mta_jax.eval.methods import embedding_scorer
-
     s, meta_params, bank = setup
     group = toy_group()
     adapted = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="unlabelled")(group)
-    init = meta.initial_params(meta_params, s.meta)
-    plain = embedding_scorer(bank.embed_fn(init), render=functools.partial(tool_text, style=s.data.doc_style))(group)
+    plain = _unadapted_scores(setup, group)
     assert max(np.abs(a - b).max() for a, b in zip(adapted[0], plain[0])) > 1e-6
 
 

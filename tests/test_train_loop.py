@@ -176,3 +176,12 @@ def test_doc_support_trains_from_the_tools_docs(tmp_path, data_dir, monkeypatch)
                tmp_path / "items", str(data_dir))
     docs, items = (metrics_lib.read_metrics(tmp_path / k)[-1] for k in ("docs", "items"))
     assert np.isfinite(docs["outer/loss"]) and docs["outer/loss"] != pytest.approx(items["outer/loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("support_labels", "hidden"), ("support_source", "docs")])
+def test_support_options_of_a_decoder_are_errors(field, value):
+    from mta_jax.train import state as state_lib
+
+    c = load_config("tiny_decoder", **{f"episode.{field}": value, "meta.support_weight": 0.0})
+    with pytest.raises(ValueError, match=f"episode.{field}=.*encoder workload only"):
+        state_lib.settings_from_config(c)

@@ -82,13 +82,17 @@ class AdaptScorer:
             raise ValueError(f"mta_adapt needs max_support >= 1, got {max_support}")
         self.bank, self.s, self.meta_params = bank, settings, meta_params
         self.shots, self.max_support, self.support = shots, max_support, support
-        self.labelled = support != "unlabelled"
         self.support_sizes: list[tuple[str, int, int, int]] = []
         loss = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=settings.loss_scale)
         self._adapt = jax.jit(functools.partial(meta.adapt_for_eval, algo=settings.meta, loss_fn=loss,
                                                 has_aux=True))
 
         self._render = functools.partial(render.tool_text, style=settings.data.doc_style)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether support items carry their gold label (k-shot and doc pseudo-items do)."""
+        return self.support != "unlabelled"
 
     def _doc(self, eval_set: EvalSet, tool_id: str) -> str:
         return self._render(eval_set.catalogue[tool_id])
@@ -170,11 +174,15 @@ class AdaptScorer:
         if len(support) < 2:
             raise ValueError(f"{group[0].name}: adapting from docs needs at least 2 candidate tools")
         self.support_sizes.append((group[0].name, 0, len(support), len(support)))
-        lora = self._adapt(self.meta_params, self.bank.base, self._support(group[0], support))
+        return self._adapt_and_score(group[0], support, list(group))
+
+    def _adapt_and_score(self, first: EvalSet, support: list[EvalItem], sets: list[EvalSet]):
+        """Adapts one LoRA on ``support`` (items of ``first``) and scores ``sets`` with it."""
+        lora = self._adapt(self.meta_params, self.bank.base, self._support(first, support))
         try:
-            return methods_lib.embedding_scorer(self.bank.embed_fn(lora), self._render)(list(group))
+            return methods_lib.embedding_scorer(self.bank.embed_fn(lora), self._render)(sets)
         finally:
-            self.bank.drop_embeddings(lora)
+            self.bank.drop_embeddings(lora)  # used once: do not keep its cache alive
 
     def __call__(self, group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
         first = group[0]
@@ -198,12 +206,8 @@ class AdaptScorer:
             if not support:
                 raise ValueError(f"{first.name}: fold {1 - k} has no items to adapt on")
             self.support_sizes.append((first.name, k, len(support), len({it.gold[0] for it in support})))
-            lora = self._adapt(self.meta_params, self.bank.base, self._support(first, support))
             fold = [dataclasses.replace(s, items=tuple(s.items[i] for i in scored)) for s in group]
-            try:
-                fold_scores = methods_lib.embedding_scorer(self.bank.embed_fn(lora), self._render)(fold)
-            finally:
-                self.bank.drop_embeddings(lora)  # used once: do not keep its cache alive
+            fold_scores = self._adapt_and_score(first, support, fold)
             for si, per_item in enumerate(fold_scores):
                 for i, x in zip(scored, per_item):
                     out[si][i] = x

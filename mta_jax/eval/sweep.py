@@ -152,4 +152,3 @@ def evaluation_is_current(mta_dir: str | pathlib.Path, methods: Sequence[str], s
         return False
     written = results.stat().st_mtime
     return all(written >= _newest_mtime(pathlib.Path(d) / "checkpoints") for d in (mta_dir, ft_dir) if d is not None)
-

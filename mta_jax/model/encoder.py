@@ -150,7 +150,6 @@ class Attention(nn.Module):
         ctx = jnp.einsum("bhts,bshk->bthk", probs, v).reshape(b, t, cfg.hidden_size)
         return dense("o")(ctx)
 
-
     def _fused_qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``q, k, v`` from one matmul against ``[W_q | W_k | W_v]``, plus each projection's LoRA."""
         names = ("q", "k", "v")
@@ -160,8 +159,7 @@ class Attention(nn.Module):
                  "bias": jnp.concatenate([params[n]["bias"] for n in names])}
         y = lora_lib.lora_dense(x, fused, None, 1.0)
         out = jnp.split(y, len(names), axis=-1)
-        return tuple(o if n not in adapters else
-                     o + self.lora_scale * ((x @ adapters[n]["a"].astype(x.dtype)) @ adapters[n]["b"].astype(x.dtype))
+        return tuple(o + lora_lib.lora_delta(x, adapters[n], self.lora_scale) if n in adapters else o
                      for n, o in zip(names, out))
 
 

@@ -173,6 +173,12 @@ def num_lora_layers(lora: LoRAParams | None) -> int:
     return jax.tree.leaves(lora.tree[LAYERS])[0].shape[0]
 
 
+def lora_delta(x: jax.Array, lora_leaf: dict, scale: float, precision=None) -> jax.Array:
+    """``scale * (x @ a) @ b``, without materialising ``a @ b``."""
+    xa = jnp.einsum("...i,ir->...r", x, lora_leaf["a"].astype(x.dtype), precision=precision)
+    return scale * jnp.einsum("...r,ro->...o", xa, lora_leaf["b"].astype(x.dtype), precision=precision)
+
+
 def lora_dense(x: jax.Array, params: dict, lora_leaf: dict | None, scale: float,
                precision=None) -> jax.Array:
     """``x @ W (+ b) + scale * (x @ a) @ b_lora``: the LoRA path never materialises ``a @ b``."""
@@ -181,9 +187,7 @@ def lora_dense(x: jax.Array, params: dict, lora_leaf: dict | None, scale: float,
     if "bias" in params:
         y = y + params["bias"].astype(y.dtype)
     if lora_leaf is not None:
-        xa = jnp.einsum("...i,ir->...r", x, lora_leaf["a"].astype(x.dtype), precision=precision)
-        y = y + scale * jnp.einsum("...r,ro->...o", xa, lora_leaf["b"].astype(x.dtype),
-                                   precision=precision)
+        y = y + lora_delta(x, lora_leaf, scale, precision)
     return y
 
 

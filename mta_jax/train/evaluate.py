@@ -90,11 +90,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
             settings, _, lora = trained[m]
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
-        elif m in ("mta_adapt", "mta_tta", "mta_docs"):
+        elif m in ADAPTED_SUPPORT and m.startswith("mta"):
             s, meta_params, _ = trained[m]
             s = dataclasses.replace(s, meta=test_time_meta(s.meta, config.eval))
             scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, support=ADAPTED_SUPPORT[m], **adapt_kwargs)
-        elif m in ("ft_adapt", "ft_tta", "ft_docs"):
+        elif m in ADAPTED_SUPPORT:  # ft_adapt, ft_tta, ft_docs
             # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
             # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
             ft_settings, _, ft_lora = trained[m]

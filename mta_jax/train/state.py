@@ -101,27 +101,29 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         mesh=_dc(sharding.MeshConfig, c.mesh),
         prefetch=c.prefetch,
     )
-    _check_hidden_support(settings)
-    if settings.episode.support_source != "items" and settings.model_kind != "encoder":
-        raise ValueError(f"config.episode.support_source={settings.episode.support_source!r} is implemented for "
-                         f"the encoder workload only, not model.kind={settings.model_kind!r}")
+    _check_support(settings)
     return settings
 
 
-def _check_hidden_support(s: Settings) -> None:
-    """Unlabelled support items only make sense for an inner loop whose outer loss never sees them.
+def _check_support(s: Settings) -> None:
+    """Checks the episode's support options against the workload and the meta-algorithm.
 
     Raises:
-      ValueError: ``episode.support_labels="hidden"`` with a decoder, with no inner loop, with an algorithm that
-        trains on the support items directly (pooled, reptile, imaml), or with
-        ``meta.support_weight > 0`` (whose term would be the support *entropy*, not a supervised loss).
+      ValueError: ``episode.support_labels="hidden"`` or ``episode.support_source="docs"`` with a
+        decoder (both are encoder-only); hidden labels with no inner loop, with an algorithm that
+        trains on the support items directly (pooled, reptile, imaml), or with ``meta.support_weight
+        > 0`` (whose term would be the support *entropy*, not a supervised loss): unlabelled support
+        items only make sense for an inner loop whose outer loss never sees them.
     """
-    if s.episode.support_labels != "hidden":
-        return
-    m = s.meta
-    if s.model_kind != "encoder":
-        raise ValueError(f"config.episode.support_labels='hidden' is implemented for the encoder workload only, "
+    ep, m = s.episode, s.meta
+    options = [f"episode.{k}={v!r}" for k, v, default in (("support_labels", ep.support_labels, "gold"),
+                                                          ("support_source", ep.support_source, "items"))
+               if v != default]
+    if options and s.model_kind != "encoder":
+        raise ValueError(f"config.{', config.'.join(options)} is implemented for the encoder workload only, "
                          f"not model.kind={s.model_kind!r}")
+    if ep.support_labels != "hidden":
+        return
     if m.name in ("pooled", "reptile", "imaml") or m.inner.steps == 0:
         raise ValueError(f"config.episode.support_labels='hidden' needs an inner loop that adapts on the "
                          f"unlabelled support items (maml, fomaml, anil, meta_sgd with inner_steps > 0); "
