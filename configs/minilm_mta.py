@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rank=8, alpha=16.0, targets=r"layers/(attn/(q|k|v|o)|mlp/(up|down))/kernel", first_layer=4))
     c.meta = ml_collections.ConfigDict(dict(
         algorithm="maml", inner_steps=1, inner_lr=0.05, first_order=False, remat=True,
-        inner_optimizer="sgd", inner_clip=0.0, adapt_pattern="", imaml_lambda=1.0, imaml_cg_steps=5,
+        inner_optimizer="sgd", inner_clip=0.0, inner_hvp="reverse",  # "forward": InnerConfig.hvp
+        adapt_pattern="", imaml_lambda=1.0, imaml_cg_steps=5,
         task_chunk=0, support_weight=1.0))  # adapt_pattern (anil): regex on LoRA paths, e.g. "layers/mlp/.*"
     c.outer = ml_collections.ConfigDict(dict(lr=1e-3, warmup=20, clip=1.0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

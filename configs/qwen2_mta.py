@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                             first_layer=0))
     c.meta = ml_collections.ConfigDict(dict(
         algorithm="maml", inner_steps=1, inner_lr=0.01, first_order=False, remat=True,
-        inner_optimizer="sgd", inner_clip=0.0, adapt_pattern="", imaml_lambda=1.0, imaml_cg_steps=5,
+        inner_optimizer="sgd", inner_clip=0.0, inner_hvp="reverse",  # "forward": InnerConfig.hvp
+        adapt_pattern="", imaml_lambda=1.0, imaml_cg_steps=5,
         task_chunk=0, support_weight=0.0))
     c.outer = ml_collections.ConfigDict(dict(lr=2e-4, warmup=50, clip=1.0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

@@ -54,6 +54,7 @@ flags.DEFINE_integer("task_chunk", 0, "JAX: tasks per chunk of a sequential lax.
 flags.DEFINE_bool("compile_only", False, "JAX only: report compile time and XLA temp memory, run nothing")
 flags.DEFINE_integer("scan_unroll", 1, "JAX: EncoderConfig.scan_unroll (layers per scan iteration)")
 flags.DEFINE_bool("fuse_qkv", False, "JAX: one matmul for the q/k/v projections (EncoderConfig.fuse_qkv)")
+flags.DEFINE_list("hvp", ["reverse"], "JAX: InnerConfig.hvp settings to measure (reverse, forward)")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
 F = flags.FLAGS
 
@@ -221,11 +222,12 @@ def main(argv):
     print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
           f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} fuse_qkv={F.fuse_qkv} scan_unroll={F.scan_unroll} load={os.getloadavg()[0]:.1f} "
           f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print("steps remat | jax_compile_s jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB "
+    print("steps remat hvp | jax_compile_s jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB "
           "| torch/jax")
     for steps in (int(s) for s in F.steps):
-        for remat in (bool(int(r)) if r in ("0", "1") else r for r in F.remat):
-            algo = meta.MetaConfig("maml", meta.InnerConfig(steps=steps, lr=F.inner_lr, remat=remat),
+        for remat, hvp in ((bool(int(r)) if r in ("0", "1") else r, h) for r in F.remat for h in F.hvp):
+            inner = meta.InnerConfig(steps=steps, lr=F.inner_lr, remat=remat, hvp=hvp)
+            algo = meta.MetaConfig("maml", inner,
                                    post_loss=F.post_loss, task_chunk=F.task_chunk or None)
             step = meta.make_meta_step(loss_fn, algo, outer, has_aux=True)
             state = meta.init_state(lora, algo, outer)
@@ -233,7 +235,7 @@ def main(argv):
             compiled = step.lower(state, base, supports, queries).compile()
             compile_s = time.perf_counter() - t0  # trace + lower + XLA compile
             if F.compile_only:
-                print(f"{steps:5d} {_remat_label(remat):>5} | compile {compile_s:6.1f} s, xla temp "
+                print(f"{steps:5d} {_remat_label(remat):>5} {hvp:>7} | compile {compile_s:6.1f} s, xla temp "
                       f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:6.0f} MB", flush=True)
                 continue
             state, m = compiled(state, base, supports, queries)
@@ -255,7 +257,7 @@ def main(argv):
                         tt.append(time.perf_counter() - t0)
                     tr.append(r.rise / 2**20)
             med = lambda x: float(np.median(x)) if x else float("nan")
-            print(f"{steps:5d} {_remat_label(remat):>5} | {compile_s:13.1f} {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
+            print(f"{steps:5d} {_remat_label(remat):>5} {hvp:>7} | {compile_s:13.1f} {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
                   f"{med(tt):12.3f} {max(tr) if tr else float('nan'):12.0f} | {med(tt) / med(jt):9.2f}",
                   flush=True)
 

@@ -48,12 +48,13 @@ def _closed_form(w0, s, q, n, first_order):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("remat", [True, False, "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("remat,hvp", [(True, "reverse"), (False, "reverse"),
+                                       ("dots_with_no_batch_dims_saveable", "reverse"), (False, "forward")])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_maml_gradient_matches_closed_form(x64, n, remat, first_order):
+def test_maml_gradient_matches_closed_form(x64, n, remat, hvp, first_order):
     rng = x64
     s, q, w0 = _task(rng), _task(rng), jnp.asarray(rng.normal(size=D))
-    cfg = meta.InnerConfig(steps=n, lr=ALPHA, first_order=first_order, remat=remat)
+    cfg = meta.InnerConfig(steps=n, lr=ALPHA, first_order=first_order, remat=remat, hvp=hvp)
     got = jax.grad(meta.task_loss)(w0, quad, s, q, cfg)
     want = _closed_form(w0, s, q, n, first_order)
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-9)
@@ -195,11 +196,11 @@ def test_pooled_is_gradient_of_mean_support_query_loss(x64):
 
 
 @pytest.mark.parametrize("n", [0, 1, 3])
-@pytest.mark.parametrize("first_order", [False, True])
-def test_support_weight_adds_the_pre_adaptation_support_gradient(x64, n, first_order):
+@pytest.mark.parametrize("first_order,hvp", [(False, "reverse"), (True, "reverse"), (False, "forward")])
+def test_support_weight_adds_the_pre_adaptation_support_gradient(x64, n, first_order, hvp):
     rng = x64
     s, q, w0 = _task(rng), _task(rng), jnp.asarray(rng.normal(size=D))
-    cfg = meta.InnerConfig(steps=n, lr=ALPHA, first_order=first_order)
+    cfg = meta.InnerConfig(steps=n, lr=ALPHA, first_order=first_order, hvp=hvp)
     lam = 0.7
     got = jax.grad(meta.task_loss)(w0, quad, s, q, cfg, support_weight=lam)
     want = _closed_form(w0, s, q, n, first_order) + lam * (np.asarray(s["A"]) @ np.asarray(w0) - np.asarray(s["b"]))
@@ -208,7 +209,7 @@ def test_support_weight_adds_the_pre_adaptation_support_gradient(x64, n, first_o
     np.testing.assert_allclose(value, meta.task_loss(w0, quad, s, q, cfg) + lam * quad(w0, s), rtol=1e-12)
     # Through the algorithm registry (has_aux path): the same gradient, task-averaged.
     aux_quad = lambda w, b: (quad(w, b), {"l": quad(w, b)})
-    algo = meta.MetaConfig("fomaml" if first_order else "maml", meta.InnerConfig(steps=n, lr=ALPHA),
+    algo = meta.MetaConfig("fomaml" if first_order else "maml", meta.InnerConfig(steps=n, lr=ALPHA, hvp=hvp),
                            support_weight=lam)
     stack = lambda t: jax.tree.map(lambda x: x[None], t)
     _, grads, _ = meta.ALGORITHMS[algo.name].outer(w0, aux_quad, stack(s), stack(q), algo)

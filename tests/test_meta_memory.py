@@ -9,9 +9,9 @@ from mta_jax import meta
 from test_meta_step import _model, _tasks, base_loss
 
 
-def _temp_bytes(steps, remat):
+def _temp_bytes(steps, remat, hvp="reverse"):
     base, lora = _model(jax.random.PRNGKey(0), d=64, h=64, layers=4)
-    cfg = meta.InnerConfig(steps=steps, lr=0.1, remat=remat)
+    cfg = meta.InnerConfig(steps=steps, lr=0.1, remat=remat, hvp=hvp)
     s, q = _tasks(jax.random.PRNGKey(1), 2, 512, d=64), _tasks(jax.random.PRNGKey(2), 2, 512, d=64)
     f = lambda p, base, s, q: meta.meta_loss(p, lambda p, b: base_loss(p, base, b)[0], s, q, cfg)
     compiled = jax.jit(jax.grad(f)).lower(lora, base, s, q).compile()
@@ -27,6 +27,9 @@ def test_remat_memory_does_not_grow_with_inner_steps():
     # A checkpoint policy keeps part of each step: between full remat and none.
     pol10 = _temp_bytes(10, "dots_with_no_batch_dims_saveable")
     assert on10 < pol10 < off10, (on10, pol10, off10)
+    # Forward-over-reverse HVPs store only each step's input: flat without remat.
+    fwd1, fwd10 = _temp_bytes(1, False, "forward"), _temp_bytes(10, False, "forward")
+    assert fwd10 < 2 * fwd1, (fwd1, fwd10)
 
 
 def test_sharded_tasks_match_unsharded():

@@ -185,3 +185,26 @@ def test_support_options_of_a_decoder_are_errors(field, value):
     c = load_config("tiny_decoder", **{f"episode.{field}": value, "meta.support_weight": 0.0})
     with pytest.raises(ValueError, match=f"episode.{field}=.*encoder workload only"):
         state_lib.settings_from_config(c)
+
+
+def test_interpolated_lora_methods(uninterrupted, data_dir, monkeypatch):
+    """``mta:A`` scores with the trained LoRA update scaled by A (WiSE-FT interpolation): ``mta:1``
+    is ``mta``, ``mta:0`` is ``zero_shot``; bad suffixes are errors naming the method."""
+    from mta_jax.eval import encoders
+    from mta_jax.train import evaluate
+
+    wd, _ = uninterrupted
+    scales = []
+    real = encoders.SharedBottomEncoder.embed_fn
+    monkeypatch.setattr(encoders.SharedBottomEncoder, "embed_fn",
+                        lambda self, lora: scales.append(None if lora is None else lora.scale) or real(self, lora))
+    methods = ["zero_shot", "mta", "mta:1", "mta:0", "mta:0.5"]
+    res = evaluate.run(tiny_config(), wd, methods, ["metatool/val_sd"], data_dir=str(data_dir),
+                       log=lambda _: None, out_dir=wd / "mix_eval")["metatool/val_sd"]
+    trained_scale = scales[1]
+    assert scales == [None, trained_scale, trained_scale, 0.0, 0.5 * trained_scale], scales
+    assert res["mta:1"]["accuracy"] == res["mta"]["accuracy"]
+    assert res["mta:0"]["accuracy"] == pytest.approx(res["zero_shot"]["accuracy"], abs=1e-12)
+    for bad, match in [("bm25:0.5", "only mta and ft"), ("mta:x", "not a number"), ("ft:-1", ">= 0")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate.run(tiny_config(), wd, [bad], ["metatool/val_sd"], data_dir=str(data_dir), log=lambda _: None)

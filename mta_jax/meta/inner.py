@@ -59,6 +59,14 @@ class InnerConfig:
         (e.g. ``layers/attn/v/b``), for any other pytree they come from ``lora.path_str``.
       prox: ``lambda`` of a proximal term ``lambda/2 ||phi - theta||^2`` added to the inner
         objective (iMAML, Rajeswaran et al., 2019, eq. 3); 0 disables it.
+      hvp: how the outer gradient passes back through an inner step ``phi' = phi - lr g(phi)``.
+        ``"reverse"``: JAX differentiates the step itself (reverse-over-reverse; the step's
+        residuals are stored or, with ``remat``, recomputed). ``"forward"``: a custom VJP returns
+        ``v - lr H v + c g`` with the Hessian-vector product ``H v`` taken forward-over-reverse
+        (``jax.jvp`` of the support gradient), recomputing the support pass in the outer backward:
+        each step stores only its input parameters, so memory is flat in steps without ``remat``.
+        Same gradient to rounding; ``"forward"`` needs plain SGD (``optimizer="sgd"``, no
+        ``clip_norm``, ``prox`` or Meta-SGD rates).
     """
 
     steps: int = 1
@@ -69,6 +77,7 @@ class InnerConfig:
     clip_norm: float | None = None
     adapt_pattern: str | None = None
     prox: float = 0.0
+    hvp: str = "reverse"
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -86,6 +95,12 @@ class InnerConfig:
         checkpoint_layer(lambda x: x, self.remat)  # a bad policy name fails here, naming the field
         if self.prox < 0:
             raise ValueError(f"InnerConfig.prox must be >= 0, got {self.prox!r}")
+        if self.hvp not in ("reverse", "forward"):
+            raise ValueError(f"InnerConfig.hvp must be 'reverse' or 'forward', got {self.hvp!r}")
+        if self.hvp == "forward" and (self.optimizer != "sgd" or self.clip_norm is not None or self.prox):
+            raise ValueError("InnerConfig.hvp='forward' differentiates plain SGD steps only: it needs "
+                             f"optimizer='sgd' (got {self.optimizer!r}), clip_norm=None (got "
+                             f"{self.clip_norm!r}) and prox=0 (got {self.prox!r})")
         if self.adapt_pattern is not None:
             try:
                 re.compile(self.adapt_pattern)
@@ -151,22 +166,27 @@ def selected_indices(params: PyTree, pattern: str | None) -> list[int]:
 
 
 def partition(params: PyTree, pattern: str | None):
-    """Splits ``params`` into the list of leaves matching ``pattern`` and a function putting them back.
+    """Splits ``params`` into the leaves matching ``pattern``, the others, and a function putting them back.
 
     Returns:
-      ``(selected, combine)``: ``selected`` is a list of leaves (a pytree), ``combine(new_selected)``
-      rebuilds the full tree with the other leaves unchanged.
+      ``(selected, rest, combine)``: lists of leaves (pytrees); ``combine(new_selected)`` rebuilds
+      the full tree with the other leaves unchanged, ``combine(new_selected, new_rest)`` replaces
+      those too.
     """
     leaves, treedef = jax.tree.flatten(params)
     idx = selected_indices(params, pattern)
+    chosen = set(idx)
+    rest_idx = [i for i in range(len(leaves)) if i not in chosen]
 
-    def combine(selected):
+    def combine(selected, rest=None):
         out = list(leaves)
         for i, x in zip(idx, selected):
             out[i] = x
+        for i, x in zip(rest_idx, rest if rest is not None else ()):
+            out[i] = x
         return treedef.unflatten(out)
 
-    return [leaves[i] for i in idx], combine
+    return [leaves[i] for i in idx], [leaves[i] for i in rest_idx], combine
 
 
 def _clip_global_norm(grads, max_norm: float):
@@ -177,6 +197,59 @@ def _clip_global_norm(grads, max_norm: float):
     norm = jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
     factor = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
+
+
+def _dense(ct):
+    """A cotangent as an array (``symbolic_zeros`` passes unused ones as ``SymbolicZero``)."""
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(ct.shape, ct.dtype)
+    return ct
+
+
+def _sgd_step_forward_hvp(loss_fn: Callable, lr: float):
+    """``step(sub, rest, support, *consts) -> (sub - lr g, (loss, aux))``, its VJP forward-over-reverse.
+
+    ``loss_fn(sub, rest, support, *consts) -> (loss, aux)`` is closure-converted: ``sub`` are the
+    adapted leaves, ``rest`` the others (ANIL: they learn in the outer loop only, but still shape
+    the inner gradient), ``consts`` the arrays the user's loss closes over (the frozen base). For
+    ``phi' = phi - lr g(phi)`` and the reported ``loss = L(phi)``, the cotangents ``(v, c)`` map to
+    ``v - lr H_ss v + c g_s`` for ``sub`` and ``-lr H_rs v + c g_r`` for ``rest``: one ``jax.jvp``
+    of the gradient in the direction ``(v, 0)`` gives both gradients and both Hessian blocks. The
+    residuals are the step's inputs, nothing of the support pass itself.
+    """
+    def grads_and_out(sub, rest, support, consts):
+        f = lambda s, r: loss_fn(s, r, support, *consts)
+        out, grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(sub, rest)
+        return grads, out
+
+    @jax.custom_vjp
+    def step(sub, rest, support, *consts):
+        (g_sub, _), out = grads_and_out(sub, rest, support, consts)
+        return [p - lr * g for p, g in zip(sub, g_sub)], out
+
+    def fwd(sub, rest, support, *consts):
+        if any(c.perturbed for c in consts):
+            raise ValueError("InnerConfig.hvp='forward' treats the arrays loss_fn closes over as constants, "
+                             "but one of them is being differentiated; pass it inside params or batch, "
+                             "or use hvp='reverse'")
+        primal = lambda p: isinstance(p, jax.custom_derivatives.CustomVJPPrimal)
+        args = [jax.tree.map(lambda p: p.value, a, is_leaf=primal) for a in (sub, rest, support)]
+        consts = [c.value for c in consts]
+        return step(*args, *consts), (*args, consts)
+
+    def bwd(res, cts):
+        sub, rest, support, consts = res
+        v, (c_loss, _) = cts  # the aux output is a metric: its cotangent is dropped
+        v = [_dense(x) for x in v]
+        grad_fn = lambda s, r: grads_and_out(s, r, support, consts)[0]
+        (g_sub, g_rest), (h_sub, h_rest) = jax.jvp(grad_fn, (sub, rest), (v, [jnp.zeros_like(r) for r in rest]))
+        c = _dense(c_loss)
+        cot_sub = [vi - lr * h + c.astype(g.dtype) * g for vi, h, g in zip(v, h_sub, g_sub)]
+        cot_rest = [-lr * h + c.astype(g.dtype) * g for h, g in zip(h_rest, g_rest)]
+        return (cot_sub, cot_rest, None) + (None,) * len(consts)
+
+    step.defvjp(fwd, bwd, symbolic_zeros=True)
+    return step
 
 
 def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
@@ -203,7 +276,7 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
     """
     if lrs is not None and cfg.optimizer != "sgd":
         raise ValueError(f"learned inner rates (Meta-SGD) need optimizer='sgd', got {cfg.optimizer!r}")
-    sub0, combine = partition(params, cfg.adapt_pattern)
+    sub0, rest0, combine = partition(params, cfg.adapt_pattern)
     if lrs is not None:
         if jax.tree.structure(lrs) != jax.tree.structure(params):
             raise ValueError("Meta-SGD rates must have the structure of params: "
@@ -221,8 +294,19 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
                 jnp.sum(jnp.square(p - a)) for p, a in zip(sub, anchor))
         return total, (loss, aux)
 
+    forward_hvp = cfg.hvp == "forward" and not cfg.first_order
+    if forward_hvp and lrs is not None:
+        raise ValueError("InnerConfig.hvp='forward' does not support Meta-SGD learned rates; use hvp='reverse'")
+    if forward_hvp:
+        plain = lambda s, r, b: call_loss(loss_fn, combine(s, r), b, has_aux)
+        converted, consts = jax.closure_convert(plain, sub0, rest0, support)
+        sgd_step = _sgd_step_forward_hvp(converted, cfg.lr)
+
     def step(carry, _):
         sub, opt_state = carry
+        if forward_hvp:
+            sub, (loss, aux) = sgd_step(sub, rest0, support, *consts)
+            return (sub, opt_state), (loss, aux)
         grads, (loss, aux) = jax.grad(objective, has_aux=True)(sub)
         if cfg.first_order:
             grads = jax.lax.stop_gradient(grads)
@@ -234,7 +318,7 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
             updates = [-r.astype(g.dtype) * g for r, g in zip(lr_sub, grads)]
         return (optax.apply_updates(sub, updates), opt_state), (loss, aux)
 
-    if cfg.steps > 1:
+    if cfg.steps > 1 and not forward_hvp:  # a forward-HVP step stores only its input anyway
         step = checkpoint_layer(step, cfg.remat)
 
     if cfg.steps == 0 or not sub0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Callable, Sequence
@@ -34,6 +35,31 @@ ADAPTED_SUPPORT = {"mta_adapt": "labelled", "ft_adapt": "labelled", "mta_tta": "
                    "ft_tta": "unlabelled", "mta_docs": "docs", "ft_docs": "docs"}
 
 
+def lora_mix(name: str) -> tuple[str, float | None]:
+    """``"mta:0.5"`` -> ``("mta", 0.5)``; a name without ``:`` -> ``(name, None)``.
+
+    ``mta:A`` / ``ft:A`` score with the trained LoRA update scaled by ``A``: the weights
+    ``W0 + A * dW`` interpolate between the pretrained backbone (``A = 0``, ``zero_shot``) and the
+    trained run (``A = 1``), the weight-space ensemble of WiSE-FT (Wortsman et al., 2022), which
+    trades in-distribution gains against forgetting. Choose ``A`` on val sets, not test sets.
+
+    Raises:
+      ValueError: ``:`` after another method, or ``A`` not a finite number >= 0 (naming the method).
+    """
+    base, sep, arg = name.partition(":")
+    if not sep:
+        return name, None
+    if base not in ("mta", "ft"):
+        raise ValueError(f"method {name!r}: only mta and ft take a :ALPHA LoRA interpolation suffix")
+    try:
+        alpha = float(arg)
+    except ValueError:
+        raise ValueError(f"method {name!r}: {arg!r} after ':' is not a number") from None
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"method {name!r}: the interpolation weight must be a finite number >= 0")
+    return base, alpha
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Sequence[str],
         sets: Sequence[str], data_dir: str | None = None, ft_workdir: pathlib.Path | None = None,
         log: Callable[[str], None] = print, out_dir: pathlib.Path | None = None) -> dict:
@@ -43,7 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       config: the experiment config (model, eval settings).
       workdir: the run to evaluate (``mta``, ``mta_adapt`` and, without ``ft_workdir``, ``ft``).
       methods: method names (``random``, ``bm25``, ``zero_shot``, ``mta``, ``ft``, ``mta_adapt``,
-        ``ft_adapt``, ``mta_tta``, ``ft_tta``, ``mta_docs``, ``ft_docs``).
+        ``ft_adapt``, ``mta_tta``, ``ft_tta``, ``mta_docs``, ``ft_docs``; ``mta:A`` / ``ft:A``
+        interpolate the trained LoRA, see :func:`lora_mix`).
       sets: built-in eval set names and/or normalized-format folders.
       data_dir: benchmark data root (default ``$MTA_DATA_DIR``).
       ft_workdir: the FT baseline's workdir.
@@ -54,7 +81,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       The results dict (also written to disk).
     """
     is_decoder = config.model.kind == "decoder"
-    unknown = sorted({decoder_methods.split_method(m)[0] if is_decoder else _encoder_method(m)[0]
+    if is_decoder and any(lora_mix(m)[1] is not None for m in methods):
+        raise ValueError("mta:A / ft:A LoRA interpolation is implemented for encoder models only")
+    unknown = sorted({decoder_methods.split_method(m)[0] if is_decoder else _encoder_method(lora_mix(m)[0])[0]
                       for m in methods}
                      - set(methods_lib.METHODS) - set(TRAINED))
     if unknown:
@@ -69,11 +98,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         return _evaluate_and_write(scorers, groups, out_dir or pathlib.Path(workdir) / "eval", methods, sets,
                                    ft_workdir, name, t0, log)
     name, cfg, base, tok = workloads.load_backbone(config.model.path, config.model.dtype, False)
-    trained = {}
+    trained, restored = {}, {}
     for m in methods:
-        if m in TRAINED:
+        if lora_mix(m)[0] in TRAINED:
             src = ft_workdir if (m.startswith("ft") and ft_workdir is not None) else workdir
-            trained[m] = loop.restore_trained(src, base, name)
+            if src not in restored:
+                restored[src] = loop.restore_trained(src, base, name)
+            trained[m] = restored[src]
     # Share the frozen bottom across methods: the lowest LoRA layer over all trained runs.
     first = min([s.lora.first_layer for s, _, _ in trained.values()] or [cfg.num_layers - 1])
     bank = encoders.SharedBottomEncoder(cfg, base, tok, first_layer=first, max_len=config.eval.max_len,
@@ -86,8 +117,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         if _encoder_method(m)[0] == "zero_shot":  # "zero_shot@STYLE": another doc rendering
             render = functools.partial(tool_text, style=_encoder_method(m)[1] or "name_desc")
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(None), render=render)
-        elif m in ("mta", "ft"):
+        elif lora_mix(m)[0] in ("mta", "ft"):
             settings, _, lora = trained[m]
+            alpha = lora_mix(m)[1]
+            if alpha is not None:
+                lora = dataclasses.replace(lora, scale=lora.scale * alpha)
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
         elif m in ADAPTED_SUPPORT and m.startswith("mta"):

@@ -78,7 +78,8 @@ def meta_config(m: ml_collections.ConfigDict) -> meta.MetaConfig:
     """``config.meta`` -> :class:`mta_jax.meta.MetaConfig` (inner-loop fields flattened in the config)."""
     inner = meta.InnerConfig(steps=m.inner_steps, lr=m.inner_lr, first_order=m.first_order, remat=m.remat,
                              optimizer=m.inner_optimizer, clip_norm=m.inner_clip or None,
-                             adapt_pattern=m.adapt_pattern or None)
+                             adapt_pattern=m.adapt_pattern or None,
+                             hvp=m.get("inner_hvp", "reverse"))  # absent in older workdirs
     return meta.MetaConfig(name=m.algorithm, inner=inner, imaml_lambda=m.imaml_lambda,
                            imaml_cg_steps=m.imaml_cg_steps, task_chunk=m.task_chunk or None,
                            support_weight=m.get("support_weight", 0.0))  # absent in older workdirs
