@@ -26,8 +26,24 @@ def start(argv) -> None:
     quiet_logs()
 
 
+# XLA flags the entry points add unless XLA_FLAGS already sets them. jaxlib 0.10.2's CPU backend
+# turns LayerNorm/softmax reductions into YNNPACK "reduce" fusions that run far below memory speed;
+# without them the second-order attention is ~20% and the 5+5-item meta-step 5-7% faster
+# (BUILD_NOTES.md, Speed, session 6). A CPU-only option: other backends ignore it.
+DEFAULT_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",)
+
+
+def with_default_xla_flags(xla_flags: str) -> str:
+    """``xla_flags`` plus each :data:`DEFAULT_XLA_FLAGS` entry whose flag name it does not set."""
+    flags_ = xla_flags.split()
+    names = {f.split("=", 1)[0] for f in flags_}
+    return " ".join(flags_ + [f for f in DEFAULT_XLA_FLAGS if f.split("=", 1)[0] not in names])
+
+
 def setup_jax() -> None:
-    """Persistent compilation cache: second-order meta-steps compile once per machine, not per run."""
+    """Default XLA flags, and the persistent compilation cache (second-order meta-steps compile once
+    per machine, not per run). Runs before JAX creates its backend, which is when XLA reads XLA_FLAGS."""
+    os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
     import jax  # imported here so XLA_FLAGS set by the caller take effect first
 
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))

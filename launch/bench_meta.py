@@ -24,6 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch's OpenMP workers spin after each op by default and steal the 2 cores from the XLA step that
 # follows in this interleaved benchmark (measured: JAX 5+5 step 16.3 s with spinning, 13.4 s without).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from launch._common import with_default_xla_flags  # noqa: E402
+
+# What the entry points run with (launch/_common.py); XLA's own default for comparison:
+# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+reduce
+os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
@@ -221,7 +226,7 @@ def main(argv):
     ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch and not F.compile_only else None
     print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
           f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} fuse_qkv={F.fuse_qkv} scan_unroll={F.scan_unroll} load={os.getloadavg()[0]:.1f} "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+          f"jax {jax.__version__} on {jax.devices()[0].platform} XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
     print("steps remat hvp | jax_compile_s jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB "
           "| torch/jax")
     for steps in (int(s) for s in F.steps):

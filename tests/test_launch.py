@@ -142,3 +142,13 @@ def test_long_configs_are_the_defaults_with_twenty_times_the_budget():
         for k, v in budget.items():
             base[k] = v
         assert long.to_dict() == base.to_dict(), name
+
+
+def test_default_xla_flags_never_override_the_users():
+    from launch import _common
+
+    flag = "--xla_cpu_experimental_ynn_fusion_type"
+    assert _common.with_default_xla_flags("") == f"{flag}=-reduce"
+    assert _common.with_default_xla_flags("--xla_force_host_platform_device_count=8") == \
+        f"--xla_force_host_platform_device_count=8 {flag}=-reduce"
+    assert _common.with_default_xla_flags(f"{flag}=dot") == f"{flag}=dot"

@@ -5,6 +5,8 @@ so differentiating through ``n`` steps stores only the per-step carry (the adapt
 the optimiser state), never the activations of the support forward/backward passes. First-order
 MAML (Finn et al., 2017, sec. 5.2) is the *same* code path with ``stop_gradient`` on the inner
 gradients, so ``d phi_n / d theta = I`` and the outer gradient is the query gradient at ``phi_n``.
+With ``hvp="forward"`` a plain-SGD step instead carries a custom VJP that takes the Hessian-vector
+product forward-over-reverse and stores only the step's input (flat memory without remat).
 """
 from __future__ import annotations
 
