@@ -1,4 +1,5 @@
 """Shared flag plumbing for the entry points: the compilation cache, the data directory, multi-host."""
+import importlib.metadata
 import os
 import pathlib
 
@@ -29,8 +30,11 @@ def start(argv) -> None:
 # XLA flags the entry points add unless XLA_FLAGS already sets them. jaxlib 0.10.2's CPU backend
 # turns LayerNorm/softmax reductions into YNNPACK "reduce" fusions that run far below memory speed;
 # without them the second-order attention is ~20% and the 5+5-item meta-step 5-7% faster
-# (BUILD_NOTES.md, Speed, session 6). A CPU-only option: other backends ignore it.
+# (BUILD_NOTES.md, Speed, session 6). A CPU-only option: other backends ignore it. XLA aborts on a
+# flag it does not know and this one is experimental, so it is added only for the jaxlib versions it
+# was checked with (0.10.2, pinned here; 0.11.2, on the lent GPU image).
 DEFAULT_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",)
+FLAGS_CHECKED_WITH_JAXLIB = ("0.10.", "0.11.")
 
 
 def with_default_xla_flags(xla_flags: str) -> str:
@@ -40,10 +44,17 @@ def with_default_xla_flags(xla_flags: str) -> str:
     return " ".join(flags_ + [f for f in DEFAULT_XLA_FLAGS if f.split("=", 1)[0] not in names])
 
 
+def apply_default_xla_flags() -> None:
+    """Adds :data:`DEFAULT_XLA_FLAGS` to ``$XLA_FLAGS`` (with a checked jaxlib). Must run before JAX
+    creates its backend, which is when XLA reads the variable."""
+    if importlib.metadata.version("jaxlib").startswith(FLAGS_CHECKED_WITH_JAXLIB):
+        os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+
 def setup_jax() -> None:
     """Default XLA flags, and the persistent compilation cache (second-order meta-steps compile once
-    per machine, not per run). Runs before JAX creates its backend, which is when XLA reads XLA_FLAGS."""
-    os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    per machine, not per run)."""
+    apply_default_xla_flags()
     import jax  # imported here so XLA_FLAGS set by the caller take effect first
 
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))

@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # torch's OpenMP workers spin after each op by default and steal the 2 cores from the XLA step that
 # follows in this interleaved benchmark (measured: JAX 5+5 step 16.3 s with spinning, 13.4 s without).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from launch._common import with_default_xla_flags  # noqa: E402
+from launch._common import apply_default_xla_flags  # noqa: E402
 
 # What the entry points run with (launch/_common.py); XLA's own default for comparison:
 # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+reduce
-os.environ["XLA_FLAGS"] = with_default_xla_flags(os.environ.get("XLA_FLAGS", ""))
+apply_default_xla_flags()
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402

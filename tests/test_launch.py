@@ -152,3 +152,16 @@ def test_default_xla_flags_never_override_the_users():
     assert _common.with_default_xla_flags("--xla_force_host_platform_device_count=8") == \
         f"--xla_force_host_platform_device_count=8 {flag}=-reduce"
     assert _common.with_default_xla_flags(f"{flag}=dot") == f"{flag}=dot"
+
+
+def test_default_xla_flags_only_with_a_checked_jaxlib(monkeypatch):
+    """XLA aborts on unknown flags: an unchecked jaxlib gets XLA_FLAGS untouched."""
+    from launch import _common
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setattr(_common.importlib.metadata, "version", lambda name: "0.99.0")
+    _common.apply_default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setattr(_common.importlib.metadata, "version", lambda name: "0.10.2")
+    _common.apply_default_xla_flags()
+    assert os.environ["XLA_FLAGS"].endswith("--xla_cpu_experimental_ynn_fusion_type=-reduce")
