@@ -7,7 +7,8 @@
 Per seed ``S``: ``launch/train.py`` into ``ROOT/mta_sS`` and ``ROOT/ft_sS`` (``--config.seed=S``;
 a finished workdir just resumes at its last step), then ``launch/eval.py`` on ``ROOT/mta_sS`` with
 ``--ft_workdir ROOT/ft_sS``. ``ROOT/sweep.md`` / ``sweep.json`` hold mean ± std over training seeds
-per cell and the paired differences ``mta − ft`` (and ``mta_adapt − ft_adapt``) with win counts.
+per cell and the paired differences ``mta − ft`` (and ``mta_adapt − ft_adapt``, ``mta:0.5 − ft:0.5``,
+... for every MTA method whose FT counterpart is also listed) with win counts.
 Each command's output goes to ``ROOT/logs/``; a failing command stops the sweep with its log tail.
 ``--args`` reach all three commands (e.g. ``--config.model.path=...``), ``--mta_args`` /
 ``--ft_args`` one training each. ``--jobs`` runs that many seeds at once (a GPU with room to
@@ -44,8 +45,6 @@ _REEVAL = flags.DEFINE_bool("reeval", False, "Evaluate every seed again, even wh
                             "the same methods and sets and is newer than the checkpoints.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Seeds run concurrently.")
 flags.mark_flags_as_required(["root"])
-
-PAIRS = (("mta", "ft"), ("mta_adapt", "ft_adapt"))
 
 
 def _abs_config(spec: str) -> str:
@@ -125,8 +124,7 @@ def main(argv):
         futures = {s: pool.submit(_seed_pipeline, s, root, data_args) for s in rest}
         paths.update({s: f.result() for s, f in futures.items()})
     per_seed = sweep.read_runs(paths)
-    pairs = [(a, b) for a, b in PAIRS if a in _METHODS.value and b in _METHODS.value]
-    out, md = sweep.write(root, per_seed, _METHODS.value, pairs)
+    out, md = sweep.write(root, per_seed, _METHODS.value, sweep.mta_ft_pairs(_METHODS.value))
     print(f"[sweep] {len(seeds)} seeds in {time.perf_counter() - t0:.0f}s (jobs={_JOBS.value}); "
           f"{out / 'sweep.md'}\n\n{md}", flush=True)
 

@@ -137,3 +137,8 @@ def test_sweep_reports_the_failing_command(tmp_path, data_dir):
     assert proc.returncode != 0
     assert "train.py" in proc.stderr and "no_such_field" in proc.stderr and "train_mta_s0.log" in proc.stderr
     assert "No such file" not in proc.stderr and (tmp_path / "out" / "logs" / "train_mta_s0.log").is_file()
+
+
+def test_mta_methods_are_paired_with_their_ft_counterparts():
+    methods = ["zero_shot", "ft", "mta", "mta_adapt", "ft_adapt", "mta:0.5", "ft:0.5", "mta_tta", "ft:0.25"]
+    assert sweep.mta_ft_pairs(methods) == [("mta", "ft"), ("mta_adapt", "ft_adapt"), ("mta:0.5", "ft:0.5")]

@@ -87,6 +87,13 @@ def paired(per_seed: Mapping[int, dict], a: str, b: str) -> dict:
     return out
 
 
+def mta_ft_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """Every ``(mta<suffix>, ft<suffix>)`` both present in ``methods``, in ``methods``' order:
+    ``mta`` / ``ft``, ``mta_adapt`` / ``ft_adapt``, ``mta:0.5`` / ``ft:0.5``, ... — each MTA method
+    against the FT baseline given the same treatment."""
+    return [(m, "ft" + m[3:]) for m in methods if m.startswith("mta") and "ft" + m[3:] in methods]
+
+
 def _pct(mean: float, std: float | None, signed: bool = False) -> str:
     cell = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
     return cell if std is None else f"{cell} ± {100 * std:.1f}"
