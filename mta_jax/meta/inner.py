@@ -224,10 +224,13 @@ def _sgd_step_forward_hvp(loss_fn: Callable, lr: float):
         out, grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(sub, rest)
         return grads, out
 
-    @jax.custom_vjp
-    def step(sub, rest, support, *consts):
+    def sgd(sub, rest, support, consts):
         (g_sub, _), out = grads_and_out(sub, rest, support, consts)
         return [p - lr * g for p, g in zip(sub, g_sub)], out
+
+    @jax.custom_vjp
+    def step(sub, rest, support, *consts):
+        return sgd(sub, rest, support, consts)
 
     def fwd(sub, rest, support, *consts):
         if any(c.perturbed for c in consts):
@@ -237,7 +240,7 @@ def _sgd_step_forward_hvp(loss_fn: Callable, lr: float):
         primal = lambda p: isinstance(p, jax.custom_derivatives.CustomVJPPrimal)
         args = [jax.tree.map(lambda p: p.value, a, is_leaf=primal) for a in (sub, rest, support)]
         consts = [c.value for c in consts]
-        return step(*args, *consts), (*args, consts)
+        return sgd(*args, consts), (*args, consts)
 
     def bwd(res, cts):
         sub, rest, support, consts = res

@@ -117,9 +117,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         if _encoder_method(m)[0] == "zero_shot":  # "zero_shot@STYLE": another doc rendering
             render = functools.partial(tool_text, style=_encoder_method(m)[1] or "name_desc")
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(None), render=render)
-        elif lora_mix(m)[0] in ("mta", "ft"):
+        elif (mixed := lora_mix(m))[0] in ("mta", "ft"):
             settings, _, lora = trained[m]
-            alpha = lora_mix(m)[1]
+            alpha = mixed[1]
             if alpha is not None:
                 lora = dataclasses.replace(lora, scale=lora.scale * alpha)
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
