@@ -49,7 +49,8 @@ def _closed_form(w0, s, q, n, first_order):
 
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("remat,hvp", [(True, "reverse"), (False, "reverse"),
-                                       ("dots_with_no_batch_dims_saveable", "reverse"), (False, "forward")])
+                                       ("dots_with_no_batch_dims_saveable", "reverse"), (True, "forward"),
+                                       (False, "forward"), ("dots_with_no_batch_dims_saveable", "forward")])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_maml_gradient_matches_closed_form(x64, n, remat, hvp, first_order):
     rng = x64

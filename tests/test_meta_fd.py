@@ -118,12 +118,14 @@ def test_anil_on_lora_paths(problem):
     assert _rel(jax.flatten_util.ravel_pytree(jax.grad(f)(lora))[0], fd) < 1e-6
 
 
+@pytest.mark.parametrize("remat", [True, False, "dots_with_no_batch_dims_saveable"])
 @pytest.mark.parametrize("pattern", [None, "l2/.*"])
-def test_forward_hvp_matches_finite_differences(problem, pattern):
-    """``hvp='forward'`` (custom VJP, Hessian-vector products by jvp-of-grad): the same meta-gradient,
-    ANIL's outer-only leaves (the mixed Hessian block) and the support-loss term included."""
+def test_forward_hvp_matches_finite_differences(problem, pattern, remat):
+    """``hvp='forward'`` (custom VJP, Hessian-vector products by jvp-of-grad, recomputed or from a
+    stored linearization): the same meta-gradient, ANIL's outer-only leaves (the mixed Hessian
+    block) and the support-loss term included."""
     loss, lora, s, q = problem
-    cfg = meta.InnerConfig(steps=3, lr=0.5, hvp="forward", adapt_pattern=pattern)
+    cfg = meta.InnerConfig(steps=3, lr=0.5, hvp="forward", adapt_pattern=pattern, remat=remat)
     f = lambda p: meta.task_loss(p, loss, s, q, cfg, support_weight=0.3)
     fd, _ = _fd_grad(f, lora)
     g = jax.flatten_util.ravel_pytree(jax.grad(f)(lora))[0]

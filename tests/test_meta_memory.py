@@ -27,9 +27,14 @@ def test_remat_memory_does_not_grow_with_inner_steps():
     # A checkpoint policy keeps part of each step: between full remat and none.
     pol10 = _temp_bytes(10, "dots_with_no_batch_dims_saveable")
     assert on10 < pol10 < off10, (on10, pol10, off10)
-    # Forward-over-reverse HVPs store only each step's input: flat without remat.
-    fwd1, fwd10 = _temp_bytes(1, False, "forward"), _temp_bytes(10, False, "forward")
+    # Forward-over-reverse HVPs with remat store only each step's input: flat in steps, and no
+    # more than reverse mode's remat. Without remat they keep each step's linearization: growing.
+    fwd1, fwd10 = _temp_bytes(1, True, "forward"), _temp_bytes(10, True, "forward")
     assert fwd10 < 2 * fwd1, (fwd1, fwd10)
+    assert fwd10 <= on10, (fwd10, on10)
+    lin1, lin10 = _temp_bytes(1, False, "forward"), _temp_bytes(10, False, "forward")
+    assert lin10 > 4 * lin1, (lin1, lin10)
+    assert _temp_bytes(10, "dots_with_no_batch_dims_saveable", "forward") < lin10
 
 
 def test_sharded_tasks_match_unsharded():

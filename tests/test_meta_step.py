@@ -134,15 +134,15 @@ def test_lora_adapt_pattern_paths_start_below_tree():
         meta.inner.selected_indices(lora, r"tree/layers/mlp/.*")
 
 
-@pytest.mark.parametrize("task_chunk", [None, 1])
-def test_forward_hvp_meta_step_equals_reverse(task_chunk):
+@pytest.mark.parametrize("task_chunk,remat", [(None, True), (1, True), (None, False), (1, False)])
+def test_forward_hvp_meta_step_equals_reverse(task_chunk, remat):
     """The jitted meta-step with ``hvp='forward'``: the frozen base is a traced argument the loss
     closes over (hoisted by ``closure_convert``), tasks are vmapped or chunked; same update."""
     base, lora = _model(jax.random.PRNGKey(0))
     s, q = _tasks(jax.random.PRNGKey(1), 4, 8), _tasks(jax.random.PRNGKey(2), 4, 8)
     out = {}
     for hvp in ("reverse", "forward"):
-        algo = meta.MetaConfig("maml", meta.InnerConfig(steps=2, lr=0.3, hvp=hvp), task_chunk=task_chunk,
+        algo = meta.MetaConfig("maml", meta.InnerConfig(steps=2, lr=0.3, hvp=hvp, remat=remat), task_chunk=task_chunk,
                                support_weight=0.5)
         opt = optax.sgd(1.0)
         step = meta.make_meta_step(base_loss, algo, opt, has_aux=True)

@@ -6,7 +6,8 @@ the optimiser state), never the activations of the support forward/backward pass
 MAML (Finn et al., 2017, sec. 5.2) is the *same* code path with ``stop_gradient`` on the inner
 gradients, so ``d phi_n / d theta = I`` and the outer gradient is the query gradient at ``phi_n``.
 With ``hvp="forward"`` a plain-SGD step instead carries a custom VJP that takes the Hessian-vector
-product forward-over-reverse and stores only the step's input (flat memory without remat).
+product forward-over-reverse, from a stored linearization of the support gradient or (``remat``)
+by recomputing it from the step's input.
 """
 from __future__ import annotations
 
@@ -65,8 +66,11 @@ class InnerConfig:
         ``"reverse"``: JAX differentiates the step itself (reverse-over-reverse; the step's
         residuals are stored or, with ``remat``, recomputed). ``"forward"``: a custom VJP returns
         ``v - lr H v + c g`` with the Hessian-vector product ``H v`` taken forward-over-reverse
-        (``jax.jvp`` of the support gradient), recomputing the support pass in the outer backward:
-        each step stores only its input parameters, so memory is flat in steps without ``remat``.
+        (the Jacobian-vector product of the support gradient). With ``remat=True`` (and more than
+        one step) each step stores only its input parameters and the outer backward recomputes the
+        support pass inside one ``jax.jvp``: memory flat in steps. Otherwise each step keeps the
+        ``jax.linearize``-d support gradient (with a policy name, what the policy saves of it) and
+        the outer backward evaluates only its tangent half: faster, memory growing with steps.
         Same gradient to rounding; ``"forward"`` needs plain SGD (``optimizer="sgd"``, no
         ``clip_norm``, ``prox`` or Meta-SGD rates).
     """
@@ -208,29 +212,33 @@ def _dense(ct):
     return ct
 
 
-def _sgd_step_forward_hvp(loss_fn: Callable, lr: float):
+def _sgd_step_forward_hvp(loss_fn: Callable, lr: float, n_consts: int, remat: bool | str):
     """``step(sub, rest, support, *consts) -> (sub - lr g, (loss, aux))``, its VJP forward-over-reverse.
 
     ``loss_fn(sub, rest, support, *consts) -> (loss, aux)`` is closure-converted: ``sub`` are the
     adapted leaves, ``rest`` the others (ANIL: they learn in the outer loop only, but still shape
-    the inner gradient), ``consts`` the arrays the user's loss closes over (the frozen base). For
-    ``phi' = phi - lr g(phi)`` and the reported ``loss = L(phi)``, the cotangents ``(v, c)`` map to
-    ``v - lr H_ss v + c g_s`` for ``sub`` and ``-lr H_rs v + c g_r`` for ``rest``: one ``jax.jvp``
-    of the gradient in the direction ``(v, 0)`` gives both gradients and both Hessian blocks. The
-    residuals are the step's inputs, nothing of the support pass itself.
+    the inner gradient), ``consts`` (``n_consts`` of them) the arrays the user's loss closes over
+    (the frozen base). For ``phi' = phi - lr g(phi)`` and the reported ``loss = L(phi)``, the
+    cotangents ``(v, c)`` map to ``v - lr H_ss v + c g_s`` for ``sub`` and ``-lr H_rs v + c g_r``
+    for ``rest``: the Jacobian-vector product of the gradient in the direction ``(v, 0)`` gives both
+    Hessian blocks. ``remat=True``: the residuals are the step's inputs and the backward pass runs
+    one ``jax.jvp`` of the gradient (recomputing the support pass). Otherwise the forward pass
+    ``jax.linearize``-s the gradient and keeps the linearization (all of it with ``False``; what a
+    ``jax.checkpoint_policies`` name saves of it, recomputing the rest): the backward pass then
+    evaluates only the tangent half.
     """
     def grads_and_out(sub, rest, support, consts):
         f = lambda s, r: loss_fn(s, r, support, *consts)
         out, grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(sub, rest)
         return grads, out
 
-    def sgd(sub, rest, support, consts):
-        (g_sub, _), out = grads_and_out(sub, rest, support, consts)
-        return [p - lr * g for p, g in zip(sub, g_sub)], out
+    def sgd(sub, g_sub):
+        return [p - lr * g for p, g in zip(sub, g_sub)]
 
     @jax.custom_vjp
     def step(sub, rest, support, *consts):
-        return sgd(sub, rest, support, consts)
+        (g_sub, _), out = grads_and_out(sub, rest, support, consts)
+        return sgd(sub, g_sub), out
 
     def fwd(sub, rest, support, *consts):
         if any(c.perturbed for c in consts):
@@ -238,20 +246,29 @@ def _sgd_step_forward_hvp(loss_fn: Callable, lr: float):
                              "but one of them is being differentiated; pass it inside params or batch, "
                              "or use hvp='reverse'")
         primal = lambda p: isinstance(p, jax.custom_derivatives.CustomVJPPrimal)
-        args = [jax.tree.map(lambda p: p.value, a, is_leaf=primal) for a in (sub, rest, support)]
+        sub, rest, support = [jax.tree.map(lambda p: p.value, a, is_leaf=primal) for a in (sub, rest, support)]
         consts = [c.value for c in consts]
-        return sgd(*args, consts), (*args, consts)
+        if remat is True:
+            (g_sub, _), out = grads_and_out(sub, rest, support, consts)
+            return (sgd(sub, g_sub), out), (sub, rest, support, consts)
+        grad_fn = checkpoint_layer(lambda s, r: grads_and_out(s, r, support, consts), remat)
+        (g_sub, g_rest), lin, out = jax.linearize(grad_fn, sub, rest, has_aux=True)
+        return (sgd(sub, g_sub), out), (lin, g_sub, g_rest, rest)
 
     def bwd(res, cts):
-        sub, rest, support, consts = res
         v, (c_loss, _) = cts  # the aux output is a metric: its cotangent is dropped
         v = [_dense(x) for x in v]
-        grad_fn = lambda s, r: grads_and_out(s, r, support, consts)[0]
-        (g_sub, g_rest), (h_sub, h_rest) = jax.jvp(grad_fn, (sub, rest), (v, [jnp.zeros_like(r) for r in rest]))
+        if remat is not True:
+            lin, g_sub, g_rest, rest = res
+            h_sub, h_rest = lin(v, [jnp.zeros_like(r) for r in rest])
+        else:
+            sub, rest, support, consts = res
+            grad_fn = lambda s, r: grads_and_out(s, r, support, consts)[0]
+            (g_sub, g_rest), (h_sub, h_rest) = jax.jvp(grad_fn, (sub, rest), (v, [jnp.zeros_like(r) for r in rest]))
         c = _dense(c_loss)
         cot_sub = [vi - lr * h + c.astype(g.dtype) * g for vi, h, g in zip(v, h_sub, g_sub)]
         cot_rest = [-lr * h + c.astype(g.dtype) * g for h, g in zip(h_rest, g_rest)]
-        return (cot_sub, cot_rest, None) + (None,) * len(consts)
+        return (cot_sub, cot_rest, None) + (None,) * n_consts
 
     step.defvjp(fwd, bwd, symbolic_zeros=True)
     return step
@@ -305,7 +322,9 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
     if forward_hvp:
         plain = lambda s, r, b: call_loss(loss_fn, combine(s, r), b, has_aux)
         converted, consts = jax.closure_convert(plain, sub0, rest0, support)
-        sgd_step = _sgd_step_forward_hvp(converted, cfg.lr)
+        # One step keeps its linearization whatever ``remat`` says (as for "reverse", the outer
+        # backward needs all of it); more steps recompute or keep it as ``remat`` asks.
+        sgd_step = _sgd_step_forward_hvp(converted, cfg.lr, len(consts), cfg.remat if cfg.steps > 1 else False)
 
     def step(carry, _):
         sub, opt_state = carry
@@ -323,7 +342,7 @@ def adapt(params: PyTree, loss_fn: LossFn, support: PyTree, cfg: InnerConfig, *,
             updates = [-r.astype(g.dtype) * g for r, g in zip(lr_sub, grads)]
         return (optax.apply_updates(sub, updates), opt_state), (loss, aux)
 
-    if cfg.steps > 1 and not forward_hvp:  # a forward-HVP step stores only its input anyway
+    if cfg.steps > 1 and not forward_hvp:  # a forward-HVP step applies ``remat`` itself
         step = checkpoint_layer(step, cfg.remat)
 
     if cfg.steps == 0 or not sub0:
