@@ -67,8 +67,16 @@ SOURCES: Mapping[str, Source] = {
                        files=("test-data/level-1-api.json",)),
 }
 TIMEOUT_S = 10.0
+PIP_TIMEOUT_S = 300.0
 OFFLINE_HINT = ("cannot reach {url} ({err}). This machine looks offline: pass --data_dir (or set MTA_DATA_DIR) "
                 "to a folder holding normalized/ and protocol/, e.g. a copy of shared/data.")
+
+
+def _write_atomic(dest: pathlib.Path, body: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    tmp.write_bytes(body)
+    tmp.replace(dest)
 
 
 def _download(url: str, dest: pathlib.Path) -> None:
@@ -78,16 +86,6 @@ def _download(url: str, dest: pathlib.Path) -> None:
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise ConnectionError(OFFLINE_HINT.format(url=url, err=e)) from None
     _write_atomic(dest, body)
-
-
-PIP_TIMEOUT_S = 300.0
-
-
-def _write_atomic(dest: pathlib.Path, body: bytes) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    tmp.write_bytes(body)
-    tmp.replace(dest)
 
 
 def _pip_download(requirement: str, folder: pathlib.Path) -> pathlib.Path:

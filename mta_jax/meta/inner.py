@@ -235,10 +235,13 @@ def _sgd_step_forward_hvp(loss_fn: Callable, lr: float, n_consts: int, remat: bo
     def sgd(sub, g_sub):
         return [p - lr * g for p, g in zip(sub, g_sub)]
 
-    @jax.custom_vjp
-    def step(sub, rest, support, *consts):
+    def plain_step(sub, rest, support, consts):
         (g_sub, _), out = grads_and_out(sub, rest, support, consts)
         return sgd(sub, g_sub), out
+
+    @jax.custom_vjp
+    def step(sub, rest, support, *consts):
+        return plain_step(sub, rest, support, consts)
 
     def fwd(sub, rest, support, *consts):
         if any(c.perturbed for c in consts):
@@ -249,8 +252,7 @@ def _sgd_step_forward_hvp(loss_fn: Callable, lr: float, n_consts: int, remat: bo
         sub, rest, support = [jax.tree.map(lambda p: p.value, a, is_leaf=primal) for a in (sub, rest, support)]
         consts = [c.value for c in consts]
         if remat is True:
-            (g_sub, _), out = grads_and_out(sub, rest, support, consts)
-            return (sgd(sub, g_sub), out), (sub, rest, support, consts)
+            return plain_step(sub, rest, support, consts), (sub, rest, support, consts)
         grad_fn = checkpoint_layer(lambda s, r: grads_and_out(s, r, support, consts), remat)
         (g_sub, g_rest), lin, out = jax.linearize(grad_fn, sub, rest, has_aux=True)
         return (sgd(sub, g_sub), out), (lin, g_sub, g_rest, rest)
