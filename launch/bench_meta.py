@@ -45,10 +45,10 @@ flags.DEFINE_integer("support", 1, "support items per task")
 flags.DEFINE_integer("query", 1, "query items per task")
 flags.DEFINE_list("steps", ["1", "3", "5", "10"], "inner step counts to measure")
 flags.DEFINE_list("remat", ["1", "0"], "inner-loop remat settings to measure: 1, 0 or a "
-                  "jax.checkpoint_policies name (InnerConfig.remat)")
+                  "policy name (InnerConfig.remat; mta_jax.model.remat.checkpoint_layer)")
 flags.DEFINE_string("encoder_remat", "dots_with_no_batch_dims_saveable",
                     "EncoderConfig.remat for each scanned layer: '' (off), 'full', or a "
-                    "jax.checkpoint_policies name")
+                    "policy name (mta_jax.model.remat.checkpoint_layer)")
 flags.DEFINE_integer("rounds", 3, "interleaved timing rounds (after the first call)")
 flags.DEFINE_bool("torch", True, "run the PyTorch reference too")
 flags.DEFINE_float("inner_lr", 1e-2, "inner SGD learning rate")

@@ -233,10 +233,11 @@ def _loss_and_grad(cfg, params, lora, ids, mask, target):
     return jax.value_and_grad(loss)(lora)
 
 
-def test_lora_grads_match_finite_differences_in_float64():
+@pytest.mark.parametrize("remat", [True, "dots_and_attn_probs"])
+def test_lora_grads_match_finite_differences_in_float64(remat):
     """Through the rematerialised scan, so remat's recomputation is checked against math too."""
     with jax.enable_x64(True):
-        cfg = dataclasses.replace(TINY, dtype="float64", param_dtype="float64", remat=True)
+        cfg = dataclasses.replace(TINY, dtype="float64", param_dtype="float64", remat=remat)
         params, lora = _tiny(cfg, first_layer=1, b_std=0.3, dtype=jnp.float64)
         ids, mask = _batch(6, vocab=cfg.vocab_size)
         target = np.zeros_like(mask)
@@ -244,7 +245,7 @@ def test_lora_grads_match_finite_differences_in_float64():
         f = lambda lo: _loss_and_grad(cfg, params, lo, ids, mask, target)[0]
         grads = _loss_and_grad(cfg, params, lora, ids, mask, target)[1]
         assert "remat" in str(jax.make_jaxpr(_loss_and_grad, static_argnums=0)(
-            cfg, params, lora, ids, mask, target))  # remat=True really rematerialises
+            cfg, params, lora, ids, mask, target))  # the scan really rematerialises
         assert jax.tree.structure(grads) == jax.tree.structure(lora)  # gradients exist only for LoRA
         assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
         direction = jax.tree.map(lambda x: jnp.asarray(np.random.default_rng(0).normal(size=x.shape)), lora)

@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,7 +137,7 @@ def test_run_layers_split_equals_full_forward():
 
 
 @pytest.mark.parametrize("remat,unroll,fuse", [(True, 1, False), ("dots_with_no_batch_dims_saveable", 1, False),
-                                               (False, 2, False), (False, 1, True)])
+                                               ("dots_and_attn_probs", 1, False), (False, 2, False), (False, 1, True)])
 def test_remat_unroll_and_fused_qkv_give_same_values_and_second_order_grads(remat, unroll, fuse):
     params = enc.init_params(TINY, jax.random.key(3))
     ids, mask, _ = _tiny_batch(np.random.default_rng(3))
@@ -154,10 +155,29 @@ def test_remat_unroll_and_fused_qkv_give_same_values_and_second_order_grads(rema
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
+def test_attn_probs_policy_saves_the_probabilities(capsys):
+    params = enc.init_params(TINY, jax.random.key(3))
+    ids, mask, _ = _tiny_batch(np.random.default_rng(3))
+    lora = lora_lib.init_lora(jax.random.key(1), params, lora_lib.LoRAConfig(rank=2))
+    b, t = ids.shape
+    # The layer scan stacks per-layer residuals: saved probabilities are f32[L, B, H, T, T].
+    probs = f"f32[{TINY.num_layers},{b},{TINY.num_heads},{t},{t}]"
+
+    def saved(remat):
+        cfg = dataclasses.replace(TINY, remat=remat)
+        jax.ad_checkpoint.print_saved_residuals(lambda lo: jnp.sum(enc.encode(cfg, params, ids, mask, lo) ** 2),
+                                                lora)
+        return capsys.readouterr().out
+
+    assert probs in saved("dots_and_attn_probs")
+    assert probs not in saved("dots_with_no_batch_dims_saveable")
+    assert probs not in saved(True)
+
+
 def test_remat_policy_name_is_checked():
     params = enc.init_params(TINY, jax.random.key(3))
     ids, mask, _ = _tiny_batch(np.random.default_rng(3))
-    with pytest.raises(ValueError, match="'dots_saveabel' is neither a bool nor a jax.checkpoint_policies"):
+    with pytest.raises(ValueError, match="'dots_saveabel' is neither a bool nor a policy name"):
         enc.encode(dataclasses.replace(TINY, remat="dots_saveabel"), params, ids, mask)
 
 

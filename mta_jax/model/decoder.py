@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mta_jax.model.lora import LAYERS, LoRADense, LoRAParams, num_lora_layers, path_str
 from mta_jax.model.remat import checkpoint_layer
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         wide = jnp.promote_types(x.dtype, jnp.float32)
         scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=wide) / math.sqrt(e)
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        probs = checkpoint_name(jax.nn.softmax(scores, axis=-1).astype(x.dtype), "attn_probs")
         out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, c.num_heads * e)
         return dense(c.hidden_size, name="o")(out)
 

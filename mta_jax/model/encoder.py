@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mta_jax.model import hf_io
 from mta_jax.model import lora as lora_lib
@@ -46,8 +47,9 @@ class EncoderConfig:
       dtype: compute dtype of the matmuls (``"bfloat16"`` keeps LayerNorm, softmax and the residual
         stream in float32).
       param_dtype: storage dtype of the parameters.
-      remat: rematerialise each scanned layer: ``False``, ``True`` or a ``jax.checkpoint_policies``
-        name (see :mod:`mta_jax.model.remat`).
+      remat: rematerialise each scanned layer: ``False``, ``True`` or a policy name (``jax.checkpoint_policies``
+        or :data:`mta_jax.model.remat.POLICIES`, e.g. ``"dots_and_attn_probs"``; see
+        :mod:`mta_jax.model.remat`).
       scan_unroll: layers per iteration of the layer scan (``lax.scan(unroll=...)``; ``True``: all).
         1 compiles fastest; unrolling trades compile time for fewer per-layer buffer copies.
       fuse_qkv: compute the q, k and v projections as one matmul against the concatenated kernels
@@ -146,7 +148,7 @@ class Attention(nn.Module):
         scores = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(cfg.head_dim).astype(q.dtype)
         # Softmax in float32 even in bf16 mode: the padding bias is ~-3e38 and logits need range.
         scores = scores.astype(_at_least_f32(scores.dtype)) + mask_bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = checkpoint_name(jax.nn.softmax(scores, axis=-1).astype(v.dtype), "attn_probs")
         ctx = jnp.einsum("bhts,bshk->bthk", probs, v).reshape(b, t, cfg.hidden_size)
         return dense("o")(ctx)
 
