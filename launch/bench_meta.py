@@ -14,9 +14,16 @@ shared; medians and the torch/JAX ratio are printed. ``jax_compile_s`` is trace 
 compile; ``jax_first_s`` adds the first step (no persistent cache here, on purpose). The encoder's
 layers are rematerialised with the ``dots_with_no_batch_dims_saveable`` policy by default
 (``--encoder_remat``). Peak memory: XLA's planned temp buffer size for JAX, and for both sides the
-peak rise of process RSS during a step (sampled every 2 ms).
+peak rise of process RSS during a step (sampled every 2 ms). In one process the allocator hands
+freed pages to the next step (XLA's temp buffers to torch, or an earlier round's to a later one), so
+that rise understates what a step needs; ``torch_fresh_MB`` is torch's rise over one step in a
+fresh process that runs only torch (``--torch_probe``), the number to hold JAX's temp memory against.
 """
+import json
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -61,7 +68,10 @@ flags.DEFINE_integer("scan_unroll", 1, "JAX: EncoderConfig.scan_unroll (layers p
 flags.DEFINE_bool("fuse_qkv", False, "JAX: one matmul for the q/k/v projections (EncoderConfig.fuse_qkv)")
 flags.DEFINE_list("hvp", ["reverse"], "JAX: InnerConfig.hvp settings to measure (reverse, forward)")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
+flags.DEFINE_integer("torch_probe", 0, "internal: run one torch meta-step with this many inner steps in "
+                     "this (fresh) process, print its RSS rise as JSON and exit")
 F = flags.FLAGS
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 Q_LEN, D_LEN, N_CAND, RANK, ALPHA, SCALE = 32, 64, 5, 8, 16.0, 20.0
 
@@ -206,6 +216,23 @@ class TorchMAML:
         return total
 
 
+def _torch_probe(lora, supports, queries) -> None:
+    """One torch meta-step in this fresh process: prints ``{"rss_mb": ...}`` (see the module doc)."""
+    ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr)
+    with _PeakRSS() as r:
+        ref.step(supports, queries, F.torch_probe)
+    print(json.dumps({"rss_mb": r.rise / 2**20}))
+
+
+def _fresh_torch_rss(steps: int) -> float:
+    """Torch's RSS rise over one meta-step of ``steps`` inner steps, in a fresh process."""
+    args = [sys.executable, "-m", "launch.bench_meta", f"--torch_probe={steps}", f"--tasks={F.tasks}",
+            f"--support={F.support}", f"--query={F.query}", f"--inner_lr={F.inner_lr}",
+            f"--torch_threads={F.torch_threads}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=_REPO).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["rss_mb"])
+
+
 def main(argv):
     del argv
     import dataclasses
@@ -219,17 +246,20 @@ def main(argv):
     supports = _batches(rng, F.tasks, F.support, cfg.vocab_size)
     queries = _batches(rng, F.tasks, F.query, cfg.vocab_size)
     loss_fn = make_jax_loss(cfg, F.one_call)
-    if F.torch and F.torch_threads:
+    if (F.torch or F.torch_probe) and F.torch_threads:
         import torch
         torch.set_num_threads(F.torch_threads)
+    if F.torch_probe:
+        return _torch_probe(lora, supports, queries)
     outer = optax.adam(1e-4)
     ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch and not F.compile_only else None
     print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
           f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} fuse_qkv={F.fuse_qkv} scan_unroll={F.scan_unroll} load={os.getloadavg()[0]:.1f} "
           f"jax {jax.__version__} on {jax.devices()[0].platform} XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
     print("steps remat hvp | jax_compile_s jax_first_s jax_step_s xla_temp_MB jax_rss_MB | torch_step_s torch_rss_MB "
-          "| torch/jax")
+          "torch_fresh_MB | torch/jax")
     for steps in (int(s) for s in F.steps):
+        fresh = _fresh_torch_rss(steps) if ref is not None else float("nan")
         for remat, hvp in ((bool(int(r)) if r in ("0", "1") else r, h) for r in F.remat for h in F.hvp):
             inner = meta.InnerConfig(steps=steps, lr=F.inner_lr, remat=remat, hvp=hvp)
             algo = meta.MetaConfig("maml", inner,
@@ -263,7 +293,7 @@ def main(argv):
                     tr.append(r.rise / 2**20)
             med = lambda x: float(np.median(x)) if x else float("nan")
             print(f"{steps:5d} {_remat_label(remat):>5} {hvp:>7} | {compile_s:13.1f} {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
-                  f"{med(tt):12.3f} {max(tr) if tr else float('nan'):12.0f} | {med(tt) / med(jt):9.2f}",
+                  f"{med(tt):12.3f} {max(tr) if tr else float('nan'):12.0f} {fresh:14.0f} | {med(tt) / med(jt):9.2f}",
                   flush=True)
 
 
