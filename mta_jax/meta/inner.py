@@ -48,9 +48,9 @@ class InnerConfig:
       first_order: drop second-order terms (``stop_gradient`` on the inner gradients).
       remat: ``jax.checkpoint`` the step body so memory does not grow with stored activations
         (``True``: keep only the carry), or a policy name (``jax.checkpoint_policies`` or
-        :data:`mta_jax.model.remat.POLICIES`): keep
-        what it saves of each step (e.g. ``"dots_with_no_batch_dims_saveable"``: the matmul
-        outputs), a middle ground whose memory grows with steps by that much. Applied only with
+        :data:`mta_jax.model.remat.POLICIES`): keep what it saves of each step (e.g.
+        ``"dots_with_no_batch_dims_saveable"``: the matmul outputs), a middle ground whose memory
+        grows with steps by that much. Applied only with
         ``steps > 1``: a single step's residuals are all needed by the outer backward anyway, so
         checkpointing it would only add a recomputation (measured on the MiniLM benchmark: 23%
         slower and 18% more XLA temp memory).

@@ -40,8 +40,8 @@ def checkpoint_layer(body: Callable, remat: bool | str) -> Callable:
         policy = POLICIES.get(str(remat)) or getattr(jax.checkpoint_policies, str(remat), None)
         if policy is None or not callable(policy) or str(remat).startswith("_"):
             valid = sorted(POLICIES) + sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
-            raise ValueError(f"remat={remat!r} is neither a bool nor a policy name (POLICIES or jax.checkpoint_policies); "
-                             f"e.g. {valid}")
+            raise ValueError(f"remat={remat!r} is neither a bool nor a policy name "
+                             f"(POLICIES or jax.checkpoint_policies); e.g. {valid}")
     # prevent_cse=False: inside lax.scan the recomputation cannot be merged with the forward pass
     # anyway, and the CSE barrier would only block fusion (see the jax.checkpoint docs).
     return jax.checkpoint(body, policy=policy, prevent_cse=False)
