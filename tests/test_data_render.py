@@ -1,4 +1,6 @@
 """Tool rendering styles and the decoder prompt."""
+import json
+
 import pytest
 
 from mta_jax.data import records, render
@@ -17,8 +19,43 @@ def test_tool_text_styles():
     assert render.tool_text(B, "tool_name_desc") == "Nutri / /v1/x: does b"
     with pytest.raises(KeyError, match="'a' has no 'doc_text'"):
         render.tool_text(A, "doc_text")
+    assert render.tool_text(B, "full_doc") == "category_name:Food ..."          # the shipped doc
+    assert render.tool_text(B2, "full_doc") == "Other / /v1/x: other"            # no doc: owner + name
+    assert render.tool_text(A, "full_doc") == "alpha: does a"                    # neither: reference
     with pytest.raises(KeyError, match="unknown tool_text style"):
         render.tool_text(A, "fancy")
+
+
+def test_compact_doc_drops_json_syntax_and_keeps_every_field():
+    doc = ('category_name:Food, tool_name:Nutri, api_name:/v1/x, api_description:Nutrition facts., '
+           'required_params: [{"name": "query", "type": "STRING", "description": "food, e.g. 3 eggs"}], '
+           'optional_params: [{"name": "unit", "type": "STRING", "description": ""}], '
+           'return_schema: {"calories": "float", "fat_g": "float"}')
+    tool = records.Tool("t", "/v1/x", "Nutrition facts.", None, "Food", {"tool_name": "Nutri", "doc_text": doc})
+    assert render.tool_text(tool, "compact_doc") == (
+        "Nutri / /v1/x: Nutrition facts. Category: Food. Parameters: query (food, e.g. 3 eggs); unit. "
+        "Returns: calories, fat_g.")
+    no_schema = records.Tool("u", "n", "d", None, "c", {"doc_text": doc.replace(
+        'return_schema: {"calories": "float", "fat_g": "float"}', 'return_schema: "a list"')})
+    assert render.tool_text(no_schema, "compact_doc").endswith("Parameters: query (food, e.g. 3 eggs); unit.")
+    assert render.tool_text(B2, "compact_doc") == "Other / /v1/x: other"  # no doc_text: full_name_desc
+    bad = records.Tool("v", "n", "d", None, "c", {"doc_text": "free text"})
+    with pytest.raises(ValueError, match="tool 'v': doc_text is not in ToolLens'"):
+        render.tool_text(bad, "compact_doc")
+    bad_json = records.Tool("w", "n", "d", None, "c", {"doc_text": doc.replace('"query"', "query")})
+    with pytest.raises(ValueError, match="tool 'w': doc_text parameters"):
+        render.tool_text(bad_json, "compact_doc")
+
+
+def test_every_shipped_toollens_doc_has_the_compact_form(data_dir):
+    path = data_dir / "normalized" / "toollens" / "tools.jsonl"
+    tools = [json.loads(line) for line in path.read_text().splitlines()]
+    for t in tools:
+        tool = records.Tool(t["tool_id"], t["name"], t["description"], None, t["category"],
+                            {"tool_name": t["tool_name"], "doc_text": t["doc_text"]})
+        text = render.tool_text(tool, "compact_doc")
+        assert text.startswith(f"{t['tool_name']} / {t['name']}: ") and f"Category: {t['category']}." in text
+    assert len(tools) == 464
 
 
 def test_decoder_prompt():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Callable, Mapping, Sequence
 
 from mta_jax.data.records import Tool
@@ -46,8 +47,55 @@ def _full_name_desc(tool: Tool) -> str:
     return f"{owner} / {_name_desc(tool)}" if owner else _name_desc(tool)
 
 
+def _full_doc(tool: Tool) -> str:
+    """The dataset's full flattened doc where it ships one (ToolLens' ``doc_text``: category, tool,
+    endpoint, description, parameters, return schema), else :func:`_full_name_desc`."""
+    doc = tool.extras.get("doc_text") if tool.extras else None
+    return doc if isinstance(doc, str) and doc.strip() else _full_name_desc(tool)
+
+
+# ToolLens' flattened doc (the COLT corpus text): fixed fields in a fixed order, JSON lists/objects inside.
+_TOOLLENS_DOC = re.compile(r"category_name:(?P<category>.*?), tool_name:(?P<tool>.*?), api_name:(?P<api>.*?), "
+                           r"api_description:(?P<desc>.*?), required_params: (?P<req>\[.*?\]), "
+                           r"optional_params: (?P<opt>\[.*?\]), return_schema: (?P<ret>.*)", re.S)
+
+
+def _compact_doc(tool: Tool) -> str:
+    """ToolLens' ``doc_text`` without its JSON syntax, in about a third of the tokens:
+    ``"{tool} / {api}: {description} Category: {c}. Parameters: p (its description); ... Returns: k1,
+    k2."`` (the top-level keys of the return schema). Tools without a ``doc_text``: :func:`_full_name_desc`.
+
+    Raises:
+      ValueError: a ``doc_text`` that is not in ToolLens' form (names the tool).
+    """
+    doc = tool.extras.get("doc_text") if tool.extras else None
+    if not isinstance(doc, str) or not doc.strip():
+        return _full_name_desc(tool)
+    form = ("ToolLens' 'category_name:..., tool_name:..., api_name:..., api_description:..., "
+            "required_params: [...], optional_params: [...], return_schema: ...' form")
+    m = _TOOLLENS_DOC.fullmatch(doc.strip())
+    if m is None:
+        raise ValueError(f"tool {tool.tool_id!r}: doc_text is not in {form}")
+    try:
+        params = json.loads(m["req"]) + json.loads(m["opt"])
+        names = [p["name"] + (f" ({p['description']})" if p.get("description") else "") for p in params]
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"tool {tool.tool_id!r}: doc_text parameters are not in {form} "
+                         f"({type(e).__name__}: {e})") from None
+    try:
+        returns = json.loads(m["ret"])
+    except ValueError:
+        returns = None  # free-text or truncated schemas carry no usable key list
+    keys = list(returns) if isinstance(returns, dict) else []
+    text = f"{m['tool']} / {m['api']}: {m['desc']} Category: {m['category']}."
+    text += f" Parameters: {'; '.join(names)}." if names else ""
+    return text + (f" Returns: {', '.join(keys)}." if keys else "")
+
+
 TOOL_TEXT_STYLES: Mapping[str, Callable[[Tool], str]] = {
     "full_name_desc": _full_name_desc,
+    "full_doc": _full_doc,
+    "compact_doc": _compact_doc,
     "name_desc": _name_desc,
     "name_desc_params": _name_desc_params,
     "doc_text": _extra("doc_text", "doc_text"),
@@ -62,7 +110,9 @@ def tool_text(tool: Tool, style: str = "name_desc") -> str:
       tool: the tool.
       style: a key of :data:`TOOL_TEXT_STYLES`: ``"name_desc"`` = ``f"{name}: {description}"`` (the
         reference), ``"name_desc_params"`` (+ JSON parameter schema), ``"doc_text"`` (ToolLens' flattened
-        doc with parameters), ``"tool_name_desc"`` (ToolLens: RapidAPI tool name / endpoint name).
+        doc with parameters), ``"full_doc"`` (``doc_text`` where the tool has it, else
+        ``"full_name_desc"``: usable on every dataset), ``"compact_doc"`` (``doc_text`` without its JSON
+        syntax, else ``"full_name_desc"``), ``"tool_name_desc"`` (ToolLens: RapidAPI tool name / endpoint name).
 
     Raises:
       KeyError: unknown style, or the tool lacks the field the style needs.
