@@ -1,6 +1,4 @@
 """Tool rendering styles and the decoder prompt."""
-import json
-
 import pytest
 
 from mta_jax.data import records, render
@@ -48,13 +46,10 @@ def test_compact_doc_drops_json_syntax_and_keeps_every_field():
 
 
 def test_every_shipped_toollens_doc_has_the_compact_form(data_dir):
-    path = data_dir / "normalized" / "toollens" / "tools.jsonl"
-    tools = [json.loads(line) for line in path.read_text().splitlines()]
+    tools = records.load_catalogue(data_dir / "normalized" / "toollens" / "tools.jsonl").tools
     for t in tools:
-        tool = records.Tool(t["tool_id"], t["name"], t["description"], None, t["category"],
-                            {"tool_name": t["tool_name"], "doc_text": t["doc_text"]})
-        text = render.tool_text(tool, "compact_doc")
-        assert text.startswith(f"{t['tool_name']} / {t['name']}: ") and f"Category: {t['category']}." in text
+        text = render.tool_text(t, "compact_doc")
+        assert text.startswith(f"{t.extras['tool_name']} / {t.name}: ") and f"Category: {t.domain}." in text
     assert len(tools) == 464
 
 

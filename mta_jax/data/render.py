@@ -25,10 +25,16 @@ def _name_desc_params(tool: Tool) -> str:
     return _name_desc(tool) + (f" Parameters: {params}" if params else "")
 
 
+def _extra_text(tool: Tool, field: str) -> str | None:
+    """The dataset-specific text field ``field`` of ``tool``, or ``None`` if absent or blank."""
+    v = tool.extras.get(field) if tool.extras else None
+    return v if isinstance(v, str) and v.strip() else None
+
+
 def _extra(field: str, style: str) -> Callable[[Tool], str]:
     def render(tool: Tool) -> str:
-        v = tool.extras.get(field)
-        if not isinstance(v, str) or not v.strip():
+        v = _extra_text(tool, field)
+        if v is None:
             raise KeyError(f"tool {tool.tool_id!r} has no {field!r} text, needed by tool_text style {style!r} "
                            "(only ToolLens tools carry it)")
         return v
@@ -50,8 +56,7 @@ def _full_name_desc(tool: Tool) -> str:
 def _full_doc(tool: Tool) -> str:
     """The dataset's full flattened doc where it ships one (ToolLens' ``doc_text``: category, tool,
     endpoint, description, parameters, return schema), else :func:`_full_name_desc`."""
-    doc = tool.extras.get("doc_text") if tool.extras else None
-    return doc if isinstance(doc, str) and doc.strip() else _full_name_desc(tool)
+    return _extra_text(tool, "doc_text") or _full_name_desc(tool)
 
 
 # ToolLens' flattened doc (the COLT corpus text): fixed fields in a fixed order, JSON lists/objects inside.
@@ -68,8 +73,8 @@ def _compact_doc(tool: Tool) -> str:
     Raises:
       ValueError: a ``doc_text`` that is not in ToolLens' form (names the tool).
     """
-    doc = tool.extras.get("doc_text") if tool.extras else None
-    if not isinstance(doc, str) or not doc.strip():
+    doc = _extra_text(tool, "doc_text")
+    if doc is None:
         return _full_name_desc(tool)
     form = ("ToolLens' 'category_name:..., tool_name:..., api_name:..., api_description:..., "
             "required_params: [...], optional_params: [...], return_schema: ...' form")
