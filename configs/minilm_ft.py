@@ -3,12 +3,10 @@
 Command:
   python launch/train.py --config configs/minilm_ft.py --workdir runs/minilm_ft
   python launch/eval.py  --config configs/minilm_ft.py --workdir runs/minilm_ft --methods=ft
-Expected runtime (2 CPU cores, measured): training 2 min (100 steps, ~1.2 s/step).
-Expected metric (ft, top-1 %, unseen test tools): MetaTool SD 88.4 ± 0.2 / CD 91.1 ± 0.1,
-ToolLens SD 52.3 ± 0.5 / CD 74.0 ± 0.1; full table in BUILD_NOTES.md "Results".
-Richer docs: --config.data.doc_style=full_doc --config.data.doc_len=128 (ToolLens tools rendered with
-their parameters and return schema) gives ft MetaTool 88.8 / 91.6, ToolLens 59.3 / 79.1 on test (4 training
-seeds) at ~2.2x the training time; BUILD_NOTES.md "The full ToolLens doc".
+Expected runtime (2 CPU cores, measured): training 2.4 min (100 steps, ~1.3 s/step).
+Expected metric (ft, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-1): MetaTool SD
+88.7 / CD 91.4, ToolLens SD 62.0 / CD 80.4; full table in BUILD_NOTES.md "Results". Docs rendered as in
+minilm_mta (`compact_doc`, 64 tokens).
 
 Identical to minilm_mta (same data stream, steps, LoRA, optimiser) except `meta.algorithm = "pooled"`:
 the loss on support ∪ query items of each episode, so the comparison isolates the inner loop.

@@ -4,13 +4,16 @@ Command (2 CPU cores; the README's first command runs it together with the FT ba
   python launch/train.py --config configs/minilm_mta.py --workdir runs/minilm_mta
   python launch/eval.py  --config configs/minilm_mta.py --workdir runs/minilm_mta \
       --methods=random,bm25,zero_shot,mta
-Expected runtime (2 CPU cores, measured): training 4.4 min (100 steps, 2.3 s/step after an ~8 s data
-prep and compilation); evaluating the default methods on the nine test sets ~5 min.
-Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4): MetaTool SD 88.9 ± 0.2 /
-CD 91.6 ± 0.2, ToolLens SD 52.2 ± 0.5 / CD 74.2 ± 0.2; full table in BUILD_NOTES.md "Results".
-Richer docs: --config.data.doc_style=full_doc --config.data.doc_len=128 (ToolLens tools rendered with
-their parameters and return schema) gives mta MetaTool 88.9 / 91.7, ToolLens 59.8 / 79.3 on test (4 training
-seeds) at ~2.8x the training time; BUILD_NOTES.md "The full ToolLens doc".
+Expected runtime (2 CPU cores, measured): training 5.5 min (100 steps, ~3.1 s/step after ~13 s of data prep
+and compilation); evaluating the default methods on the nine test sets ~4 min (main job: 11.7 min).
+Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-1): MetaTool SD
+88.7 / CD 91.5, ToolLens SD 62.6 / CD 80.7; seed 0 (the main job): 89.1 ± 0.2 / 91.8 ± 0.2 / 62.1 ± 0.3 /
+80.1 ± 0.1. Full table in BUILD_NOTES.md "Results".
+Docs: `compact_doc` (ToolLens tools as name / endpoint, description, category, parameters with their
+descriptions and the return keys, without JSON syntax; MetaTool's as "{name}: {description}"), cut at 64
+tokens in training. The reference rendering of zero_shot stays "{name}: {description}";
+--config.data.doc_style=full_name_desc --config.data.doc_len=48 gives the pre-session-10 default
+(ToolLens test 52.2 / 74.2), full_doc with doc_len=128 the raw JSON doc at ~2x the training time.
 
 Meta-task: an episode is a tool subset of one train domain (SD) or mixed domains (CD) with support
 and query items whose 5 candidates come from that subset; the inner loop adapts the LoRA tree on the
@@ -35,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(kind="encoder", path="", dtype="float32", remat=False))  # "" = packaged MiniLM
     c.loss = ml_collections.ConfigDict(dict(scale=20.0))
     c.data = ml_collections.ConfigDict(dict(
-        datasets=("metatool", "toollens"), doc_style="full_name_desc", query_len=40, doc_len=48))
+        datasets=("metatool", "toollens"), doc_style="compact_doc", query_len=40, doc_len=64))
     c.episode = ml_collections.ConfigDict(dict(
         tools_per_episode=8, support=5, query=5, candidates=5, regime="mixed",
         dataset_weighting="uniform",

@@ -24,4 +24,7 @@ def get_config(arg=None):
     c.tasks_per_step = 16
     c.checkpoint_every = 250
     c.log_every = 50
+    # Measured with the rendering the defaults had then (session 5), before compact_doc became the default.
+    c.data.doc_style = "full_name_desc"
+    c.data.doc_len = 48
     return c

@@ -16,5 +16,5 @@ echo "[main] MTA trained at $(( $(date +%s) - start ))s"
 python launch/train.py --config configs/minilm_ft.py --workdir "$RUNS/minilm_ft" "$@"
 echo "[main] FT trained at $(( $(date +%s) - start ))s"
 python launch/eval.py --config configs/minilm_mta.py --workdir "$RUNS/minilm_mta" \
-    --ft_workdir "$RUNS/minilm_ft" --methods=random,bm25,zero_shot,zero_shot@full_name_desc,ft,mta
+    --ft_workdir "$RUNS/minilm_ft" --methods=random,bm25,zero_shot,zero_shot@compact_doc,ft,mta
 echo "[main] done in $(( $(date +%s) - start ))s; results: $RUNS/minilm_mta/eval/results.{json,md,png}"
