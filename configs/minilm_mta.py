@@ -6,14 +6,14 @@ Command (2 CPU cores; the README's first command runs it together with the FT ba
       --methods=random,bm25,zero_shot,mta
 Expected runtime (2 CPU cores, measured): training 5.5 min (100 steps, ~3.1 s/step after ~13 s of data prep
 and compilation); evaluating the default methods on the nine test sets ~4 min (main job: 11.7 min).
-Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-1): MetaTool SD
-88.7 / CD 91.5, ToolLens SD 62.6 / CD 80.7; seed 0 (the main job): 89.1 ± 0.2 / 91.8 ± 0.2 / 62.1 ± 0.3 /
+Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-3): MetaTool SD
+88.8 / CD 91.4, ToolLens SD 61.8 / CD 80.3; seed 0 (the main job): 89.1 ± 0.2 / 91.8 ± 0.2 / 62.1 ± 0.3 /
 80.1 ± 0.1. Full table in BUILD_NOTES.md "Results".
 Docs: `compact_doc` (ToolLens tools as name / endpoint, description, category, parameters with their
 descriptions and the return keys, without JSON syntax; MetaTool's as "{name}: {description}"), cut at 64
 tokens in training. The reference rendering of zero_shot stays "{name}: {description}";
 --config.data.doc_style=full_name_desc --config.data.doc_len=48 gives the pre-session-10 default
-(ToolLens test 52.2 / 74.2), full_doc with doc_len=128 the raw JSON doc at ~2x the training time.
+(ToolLens test 50.6 / 73.7 over training seeds 0-4), full_doc with doc_len=128 the raw JSON doc at ~2x the training time.
 
 Meta-task: an episode is a tool subset of one train domain (SD) or mixed domains (CD) with support
 and query items whose 5 candidates come from that subset; the inner loop adapts the LoRA tree on the
