@@ -146,6 +146,21 @@ def test_long_configs_are_the_defaults_with_twenty_times_the_budget():
         assert long.to_dict() == base.to_dict(), name
 
 
+def test_deep_configs_are_the_defaults_with_the_measured_overrides():
+    """minilm_{mta,ft}_deep were measured as the defaults plus these overrides: keep it so."""
+    from mta_jax import config_files
+
+    for name, methods in (("mta", ("zero_shot", "zero_shot@full_doc", "mta", "mta_adapt")),
+                          ("ft", ("ft", "ft_adapt"))):
+        base = config_files.load(REPO / "configs" / f"minilm_{name}.py")
+        deep = config_files.load(REPO / "configs" / f"minilm_{name}_deep.py")
+        base.data.doc_style, base.data.doc_len = "full_doc", 128
+        base.lora.first_layer = 2
+        base.eval.adapt_steps = 3
+        base.eval.methods = methods
+        assert deep.to_dict() == base.to_dict(), name
+
+
 def test_default_xla_flags_never_override_the_users():
     from launch import _common
 

@@ -1,0 +1,34 @@
+"""MTA with more capacity and the full ToolLens docs, on 2 CPU cores: ~4x the default's cost.
+
+Command (training seeds 0 and 1 were measured exactly so):
+  python launch/train.py --config configs/minilm_mta_deep.py --workdir runs/mta_deep
+  python launch/train.py --config configs/minilm_ft_deep.py  --workdir runs/ft_deep
+  python launch/eval.py  --config configs/minilm_mta_deep.py --workdir runs/mta_deep \
+      --ft_workdir runs/ft_deep --methods=zero_shot@full_doc,ft,mta,ft_adapt,mta_adapt \
+      --sets=metatool/test_sd,metatool/test_cd,toollens/test_sd,toollens/test_cd
+Expected runtime (2 CPU cores, measured): MTA training ~23 min (100 steps at 13-14 s/step), FT ~8 min
+(4.7 s/step); evaluating those five methods on the four protocol test sets ~60 min (the two
+``*_adapt`` methods are ~90% of it).
+Expected metric (top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-1): see
+BUILD_NOTES.md "Results", "A deeper configuration"; filled in below once measured.
+
+What differs from ``minilm_mta`` (everything else is the default):
+- ``data.doc_style="full_doc"``, ``data.doc_len=128``: ToolLens tools rendered from their full API
+  doc (parameters and return schema included), cut at 128 tokens in training;
+- ``lora.first_layer=2``: LoRA on layers 2-5 instead of 4-5 (second-order differentiation through
+  four layers, ~4x the default's MTA step with the longer docs);
+- ``eval.adapt_steps=3``: ``mta_adapt`` / ``ft_adapt`` take three inner steps on the k-shot support
+  of the unseen tools (training takes one).
+All three were chosen on val (BUILD_NOTES.md "Results on val"), one training seed, before any test run.
+"""
+from mta_jax import config_files
+
+
+def get_config(arg=None):
+    c = config_files.sibling(__file__, "minilm_mta", arg)
+    c.data.doc_style = "full_doc"
+    c.data.doc_len = 128
+    c.lora.first_layer = 2
+    c.eval.adapt_steps = 3
+    c.eval.methods = ("zero_shot", "zero_shot@full_doc", "mta", "mta_adapt")
+    return c
