@@ -3,8 +3,10 @@ import json
 import os
 import pathlib
 import signal
+import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
@@ -66,6 +68,43 @@ def test_sigterm_checkpoints_and_resume_gives_the_same_next_steps(uninterrupted,
     full, resumed = losses(wd_full), losses(wd)
     assert resumed[2] == pytest.approx(full[2], rel=1e-6)
     assert resumed[4] == pytest.approx(full[4], rel=1e-6)
+
+
+def test_sigterm_is_acted_on_within_a_step_not_a_log_interval(tmp_path, data_dir, monkeypatch):
+    """Steps are dispatched asynchronously; the loop keeps at most one in flight. Each step is made
+    slow on the device (~15 GFLOP of extra matmuls, 0.1-0.3 s here) and the notice arrives 0.5 s
+    after step 8's batch is built (the host is then at step ~6): the run must stop a few steps
+    later, not at the end of the 60-step log interval after every step the host had already
+    dispatched (a loop without the bound stopped at step 34 of 60 here, on a loaded machine)."""
+    from mta_jax.train import workloads
+
+    original = loop.make_step_fn
+
+    def slow(*args, **kwargs):
+        step = original(*args, **kwargs)
+
+        def wrapped(*a):
+            state, m = step(*a)
+            x = jnp.full((768, 768), 1e-3, jnp.float32) + m["outer/loss"] * 0
+            for _ in range(16):
+                x = jnp.tanh(x @ x)
+            return state, {**m, "outer/loss": m["outer/loss"] + 0 * x[0, 0]}
+        return wrapped
+
+    host_batch = workloads.EncoderWorkload.host_batch
+
+    def batch_then_notice(self, i, n):
+        if i == 8:
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return host_batch(self, i, n)
+
+    monkeypatch.setattr(loop, "make_step_fn", slow)
+    monkeypatch.setattr(workloads.EncoderWorkload, "host_batch", batch_then_notice)
+    state = loop.train(tiny_config(steps=60, log_every=60, checkpoint_every=100), tmp_path / "w",
+                       str(data_dir))
+    stopped = int(jax.device_get(state.step))
+    assert 2 <= stopped <= 24, stopped
+    assert (tmp_path / "w" / "checkpoints" / str(stopped)).is_dir()
 
 
 def test_sharded_equals_single_device(tmp_path, data_dir):

@@ -135,6 +135,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     try:
         for step in range(start, s.steps):
             state, m = step_fn(state, base, tables, next(batches))
+            if pending:
+                # At most one step in flight: the device runs this step while the host waits for the
+                # previous one, so a SIGTERM is acted on within a step, not after a log interval of
+                # already-dispatched steps (a waited-on handle, no transfer).
+                jax.block_until_ready(pending[-1])
             pending.append(m)
             done = step + 1
             if done % s.log_every == 0 or done == s.steps:
