@@ -219,3 +219,28 @@ def test_docs_adaptation_uses_only_the_tools_docs(setup, monkeypatch):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="support must be one of"):
         adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, support="queries")
+
+
+def test_adaptation_rematerialises_layers_and_gives_the_same_lora(setup):
+    """The test-time inner loop runs with per-layer remat (its support episode holds every candidate
+    doc of up to 256 items); the adapted LoRA must equal the one adapted without remat."""
+    import functools
+
+    from mta_jax.meta import losses
+
+    s, meta_params, bank = setup
+    assert not bank.cfg.remat
+    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)
+    group = toy_group()
+    support = scorer._support(group[0], list(group[0].items[:6]))
+    plain = jax.jit(functools.partial(
+        meta.adapt_for_eval, algo=s.meta, has_aux=True,
+        loss_fn=losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=s.loss_scale)))
+    assert "remat" in str(jax.make_jaxpr(scorer._adapt)(meta_params, bank.base, support))
+    assert "remat" not in str(jax.make_jaxpr(plain)(meta_params, bank.base, support))
+    got, want = scorer._adapt(meta_params, bank.base, support), plain(meta_params, bank.base, support)
+    init = meta.initial_params(meta_params, s.meta)
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(init))) > 1e-4  # it adapted
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
