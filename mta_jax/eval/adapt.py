@@ -85,8 +85,8 @@ class AdaptScorer:
         self.support_sizes: list[tuple[str, int, int, int]] = []
         # The support episode holds every candidate doc of up to ``max_support`` items (ToolLens:
         # ~1,000 docs), not a training episode's 8: without per-layer remat, the activations kept
-        # for the inner gradient of LoRA on four layers over 128-token docs took 17 GB. Remat keeps
-        # the layer inputs only (same values; one more forward pass per inner step).
+        # for the inner gradient of LoRA on four layers over 128-token docs peaked at 14-18 GB RSS.
+        # Remat keeps the layer inputs only: same values, 5.7 GB, no slower (BUILD_NOTES.md).
         cfg = bank.cfg if bank.cfg.remat else dataclasses.replace(bank.cfg, remat=True)
         loss = losses.BiEncoderLoss(cfg, start=bank.first_layer, scale=settings.loss_scale)
         self._adapt = jax.jit(functools.partial(meta.adapt_for_eval, algo=settings.meta, loss_fn=loss,
