@@ -9,8 +9,4 @@ from mta_jax import config_files
 
 def get_config(arg=None):
     c = config_files.sibling(__file__, "minilm_mta_deep", arg)
-    c.meta.algorithm = "pooled"
-    c.meta.inner_steps = 0
-    c.meta.support_weight = 0.0
-    c.eval.methods = ("ft", "ft_adapt")
-    return c
+    return config_files.ft_baseline(c, ("ft", "ft_adapt"))

@@ -8,8 +8,4 @@ from mta_jax import config_files
 
 def get_config(arg=None):
     c = config_files.sibling(__file__, "minilm_mta_long", arg)
-    c.meta.algorithm = "pooled"
-    c.meta.inner_steps = 0
-    c.meta.support_weight = 0.0
-    c.eval.methods = ("ft",)
-    return c
+    return config_files.ft_baseline(c)

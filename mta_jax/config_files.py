@@ -27,3 +27,14 @@ def load(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.Con
 def sibling(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The config ``name`` from the folder of ``this_file`` (a config's ``__file__``)."""
     return load(pathlib.Path(this_file).with_name(f"{name}.py"), arg)
+
+
+def ft_baseline(c: ml_collections.ConfigDict, methods: tuple[str, ...] = ("ft",)) -> ml_collections.ConfigDict:
+    """``c`` turned into its FT baseline, in place: pooled fine-tuning of the same LoRA on the same
+    episodes and budget, no inner loop (all support and query items are already in its loss, so no
+    separate support term); ``eval.methods`` set to ``methods``. Returns ``c``."""
+    c.meta.algorithm = "pooled"
+    c.meta.inner_steps = 0
+    c.meta.support_weight = 0.0
+    c.eval.methods = methods
+    return c
