@@ -1,4 +1,6 @@
 """``mta_adapt``: a scored item is never in its support set, and its gold label cannot choose its model."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from mta_jax.data.records import Catalogue, Tool
 from mta_jax.eval import adapt as adapt_lib
 from mta_jax.eval.encoders import SharedBottomEncoder
 from mta_jax.eval.sets import EvalItem, EvalSet
+from mta_jax.meta import losses
 from mta_jax.model import lora as lora_lib
 from mta_jax.train import loop
 from mta_jax.train import state as state_lib
@@ -224,10 +227,6 @@ def test_docs_adaptation_uses_only_the_tools_docs(setup, monkeypatch):
 def test_adaptation_rematerialises_layers_and_gives_the_same_lora(setup):
     """The test-time inner loop runs with per-layer remat (its support episode holds every candidate
     doc of up to 256 items); the adapted LoRA must equal the one adapted without remat."""
-    import functools
-
-    from mta_jax.meta import losses
-
     s, meta_params, bank = setup
     assert not bank.cfg.remat
     scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)
