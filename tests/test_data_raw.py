@@ -1,5 +1,6 @@
 """Raw public formats parse to exactly the normalized copies (tools, records, order, documented merges)."""
 import json
+import pathlib
 
 import pytest
 
@@ -67,3 +68,58 @@ def test_bad_raw_toollens_doc(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(KeyError, match="no raw parser"):
         raw.parse_raw(".", "nope")
+
+
+def _toollens_dir(tmp_path, queries, qrels):
+    d = tmp_path / "raw" / "toollens"
+    (d / "qrels").mkdir(parents=True)
+    doc = ("category_name:Data, tool_name:Weather, api_name:forecast, api_description:the forecast, "
+           "required_params: []")
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"_id": t, "text": doc}) + "\n" for t in ("t0", "t1")))
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": f"query {q}"}) + "\n" for q in queries))
+    for split in ("train", "test"):
+        (d / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
+    return tmp_path
+
+
+def test_toollens_qrels_scores_and_duplicate_query_ids(tmp_path):
+    # BEIR: a score-0 pair is judged non-relevant, so t1 is not gold for q0
+    _, splits = raw.parse_toollens(_toollens_dir(tmp_path / "a", ["q0"], "q0\tt0\t1\nq0\tt1\t0\n"))
+    assert splits["test"][0].gold == ("t0",)
+    with pytest.raises(records.DataError, match=r"train.tsv:2 field 'score': not a number"):
+        raw.parse_toollens(_toollens_dir(tmp_path / "b", ["q0"], "q0\tt0\tyes\n"))
+    with pytest.raises(records.DataError, match=r"queries.jsonl:2 field '_id': duplicate query id 'q0' \(first at line 1\)"):
+        raw.parse_toollens(_toollens_dir(tmp_path / "c", ["q0", "q0"], "q0\tt0\t1\n"))
+
+
+def test_bfcl_category_without_its_possible_answers_is_an_error(tmp_path, data_dir):
+    src, dst = data_dir / "raw" / "bfcl", tmp_path / "raw" / "bfcl"
+    (dst / "possible_answer").mkdir(parents=True)
+    for f in src.rglob("*.json"):
+        rel = f.relative_to(src)
+        if rel != pathlib.Path("possible_answer/BFCL_v4_multiple.json"):
+            (dst / rel).write_bytes(f.read_bytes())
+    with pytest.raises(records.DataError, match=r"BFCL_v4_multiple.json: missing; BFCL category 'multiple'"):
+        raw.parse_bfcl(tmp_path)
+
+
+def test_malformed_seal_tools_and_api_bank_entries_are_named(tmp_path, data_dir):
+    src, dst = data_dir / "raw" / "seal_tools", tmp_path / "raw" / "seal_tools"
+    (dst / "dataset_for_finetune").mkdir(parents=True)
+    for f in ("tool.jsonl", "dev.jsonl", "test_in_domain.jsonl", "dataset_for_finetune/dev.json",
+              "dataset_for_finetune/test_in_domain.json"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    ft = dst / "dataset_for_finetune" / "dev.json"
+    entries = json.loads(ft.read_text("utf-8"))
+    del entries[3]["conversations"]
+    ft.write_text(json.dumps(entries), "utf-8")
+    with pytest.raises(records.DataError, match=r"dev.json entry 3: missing or malformed field \['conversations'\]"):
+        raw.parse_seal_tools(tmp_path)
+    d = tmp_path / "raw" / "api_bank" / "test-data"
+    d.mkdir(parents=True)
+    path = data_dir / "raw" / "api_bank" / "test-data" / "level-1-api.json"
+    entries = json.loads(path.read_text("utf-8"))
+    del entries[5]["input"]
+    (d / "level-1-api.json").write_text(json.dumps(entries), "utf-8")
+    with pytest.raises(records.DataError, match=r"level-1-api.json entry 5 field 'input'"):
+        raw.parse_api_bank_level1(tmp_path)

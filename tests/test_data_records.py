@@ -84,6 +84,10 @@ def test_non_utf8(tmp_path):
     ({"id": "x", "query": "q", "gold": "a", "candidates": None}, "gold", "expected a list"),
     ({"id": "q0", "query": "q", "gold": ["a"], "candidates": None}, "id", "duplicate id"),
     ({"query": "q", "gold": ["a"], "candidates": None}, "id", "missing field"),
+    ({"id": "x", "query": "q", "gold": ["a"], "candidates": []}, "candidates", "none of the gold tools"),
+    ({"id": "x", "query": "q", "gold": ["a"], "candidates": ["b"]}, "candidates", "none of the gold tools"),
+    ({"id": "x", "query": "q", "gold": ["a"], "candidates": None, "meta": []}, "meta", "expected an object"),
+    ({"id": "x", "query": "q", "gold": ["a"], "candidates": None, "meta": ""}, "meta", "expected an object"),
 ])
 def test_bad_records_raise_and_skip(tmp_path, caplog, rec, field, msg):
     cat = records.load_catalogue(_write(tmp_path / "tools.jsonl", TOOLS))
@@ -95,6 +99,13 @@ def test_bad_records_raise_and_skip(tmp_path, caplog, rec, field, msg):
         kept = records.load_records(path, cat, skip_invalid=True)
     assert [r.id for r in kept] == ["q0", "q1"]
     assert "skipped 1 invalid record(s), kept 2" in caplog.text and "s.jsonl:2" in caplog.text
+
+
+def test_empty_candidates_are_fine_where_there_is_nothing_to_choose(tmp_path):
+    cat = records.load_catalogue(_write(tmp_path / "tools.jsonl", TOOLS))
+    path = _write(tmp_path / "s.jsonl", [{"id": "x", "query": "q", "gold": [], "candidates": [], "meta": None}])
+    (rec,) = records.load_records(path, cat)
+    assert rec.candidates == () and rec.gold == () and dict(rec.meta) == {}
 
 
 def test_skip_invalid_survives_malformed_json(tmp_path, caplog):

@@ -13,7 +13,7 @@ from conftest import load_config
 
 from mta_jax.data import render
 from mta_jax.data.records import Catalogue, Tool
-from mta_jax.eval import decoder_methods, report
+from mta_jax.eval import decoder_methods, metrics, report
 from mta_jax.eval.sets import EvalItem, EvalSet
 from mta_jax.meta import losses
 from mta_jax.model import decoder, generate
@@ -169,6 +169,17 @@ def _write_dir(root: pathlib.Path, candidates) -> pathlib.Path:
         {"id": i, "query": q, "gold": g, "candidates": c if candidates else None, "meta": {}}) + "\n"
         for i, q, g, c in recs))
     return root
+
+
+def test_a_generated_answer_naming_no_candidate_abstains_and_counts_wrong():
+    np.testing.assert_array_equal(decoder_methods.answer_scores("b", ["a", "b", "c"]), [0, 1, 0])
+    miss = decoder_methods.answer_scores("z", ["a", "b"])
+    assert np.isneginf(miss).all()
+    # every candidate gold (API-Bank's one-candidate items): a miss must still be wrong
+    cat = Catalogue([Tool("a", "a", "tool a")])
+    one = EvalSet("toy/one", "toy", cat, (EvalItem("q0", "x", ("a",), ("a",)),))
+    assert metrics.set_metrics(one, [decoder_methods.answer_scores("z", ["a"])])["accuracy"] == 0.0
+    assert metrics.set_metrics(one, [decoder_methods.answer_scores("a", ["a"])])["accuracy"] == 1.0
 
 
 def test_train_and_eval_end_to_end(tmp_path, data_dir):

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mta_jax import meta
 from mta_jax.data.tokenize import Tokenizer
 from mta_jax.model import encoder as enc
 from mta_jax.model import lora as lora_lib
+from mta_jax.model import remat as remat_lib
 
 SENTENCES = [
     "What's the weather like in Paris tomorrow?",
@@ -179,6 +181,12 @@ def test_remat_policy_name_is_checked():
     ids, mask, _ = _tiny_batch(np.random.default_rng(3))
     with pytest.raises(ValueError, match="'dots_saveabel' is neither a bool nor a policy name"):
         enc.encode(dataclasses.replace(TINY, remat="dots_saveabel"), params, ids, mask)
+    # a policy *factory* of jax.checkpoint_policies is not a policy: rejected up front, not when traced
+    with pytest.raises(ValueError, match="'save_only_these_names' is neither"):
+        meta.InnerConfig(remat="save_only_these_names")
+    for name in remat_lib.JAX_POLICIES:  # every listed name is a ready-made policy that differentiates
+        cfg = dataclasses.replace(TINY, remat=name)
+        jax.grad(lambda p: enc.encode(cfg, p, ids, mask).sum())(params)
 
 
 def test_padding_is_masked():

@@ -67,32 +67,73 @@ def test_support_never_contains_the_scored_item(setup, monkeypatch):
 
 
 def test_gold_labels_of_scored_items_cannot_choose_their_model(setup):
-    """Same query and candidates for every item, gold split over two tools: a scorer that does not
-    look at the answer gives the t0 items and the t1 items the same score vectors (one per fold).
-    The earlier per-gold-tool adaptation gave each tool's items their own vector (checked by hand:
-    it fails this test)."""
+    """Two query texts, each asked 6 times with the same candidates, gold split over two tools: a
+    scorer that does not look at the answer gives the t0 items and the t1 items of one query the
+    same score vector. The earlier per-gold-tool adaptation gave each tool's items their own vector
+    (checked by hand: it fails this test)."""
     s, meta_params, bank = setup
     tools = [Tool(f"t{i}", f"tool{i}", d) for i, d in enumerate(["weather forecast", "stock prices", "maps"])]
-    items = tuple(EvalItem(f"x{k}", "what should I use?", (("t0", "t1")[k % 2],), ("t0", "t1", "t2"))
+    queries = ("what should I use?", "which one fits?")
+    items = tuple(EvalItem(f"x{k}", queries[k // 6], (("t0", "t1")[k % 2],), ("t0", "t1", "t2"))
                   for k in range(12))
     group = (EvalSet("leak/test", "leak", Catalogue(tools), items, seed=0),)
     scores = adapt_lib.adapt_scorer(bank, s, meta_params, shots=3)(group)[0]
-    by_gold = {g: {tuple(np.round(x, 6)) for x, it in zip(scores, items) if it.gold[0] == g} for g in ("t0", "t1")}
-    assert by_gold["t0"] == by_gold["t1"], by_gold
+    for q in queries:
+        by_gold = {g: {tuple(np.round(x, 6)) for x, it in zip(scores, items) if it.gold[0] == g and it.query == q}
+                   for g in ("t0", "t1")}
+        assert by_gold["t0"] == by_gold["t1"] and len(by_gold["t0"]) == 1, by_gold
 
 
-def test_support_is_capped_round_robin_over_tools(setup, monkeypatch):
+def test_items_with_the_same_query_share_a_fold_so_none_adapts_on_its_own_copy(setup, monkeypatch):
     s, meta_params, bank = setup
-    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=5, max_support=3)
+    tools = [Tool(f"t{i}", f"tool{i}", d) for i, d in enumerate(["weather forecast", "stock prices", "maps"])]
+    # API-Bank style twins (same query, same gold) and ToolLens style (same query, another gold)
+    queries = ["rain today?", "rain today?", "ACME price", "ACME price ", "weather and stocks", "weather and stocks",
+               "umbrella needed?", "share value", "forecast please", "quote for ACME"]
+    golds = ["t0", "t0", "t1", "t1", "t0", "t1", "t0", "t1", "t0", "t1"]
+    items = tuple(EvalItem(f"x{k}", q, (g,), ("t0", "t1", "t2")) for k, (q, g) in enumerate(zip(queries, golds)))
+    group = (EvalSet("dup/test", "dup", Catalogue(tools), items, seed=0),)
+    scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=5)
     supports = []
-    original = scorer._support
-    monkeypatch.setattr(scorer, "_support", lambda es, items: (supports.append([i.id for i in items]),
-                                                               original(es, items))[1])
-    scorer(toy_group())
-    for sup in supports:                          # capped at 3, and both big tools get a turn first
-        assert len(sup) == 3 and {sup[0][0], sup[1][0]} == {"a", "b"}
-    with pytest.raises(ValueError, match="max_support"):
-        adapt_lib.adapt_scorer(bank, s, meta_params, shots=2, max_support=0)
+    original = scorer._adapt_and_score
+    monkeypatch.setattr(scorer, "_adapt_and_score", lambda first, support, sets: (
+        supports.append(({it.query.strip() for it in support}, {it.query.strip() for it in sets[0].items})),
+        original(first, support, sets))[1])
+    scorer(group)
+    assert len(supports) == 2
+    for support_queries, scored_queries in supports:
+        assert support_queries and support_queries.isdisjoint(scored_queries)
+    # without duplicates the split is the plain seeded half of every tool's items
+    groups = np.arange(7)
+    assert [f.tolist() for f in adapt_lib._split(np.array([6, 2, 4, 0, 5, 1, 3]), groups, {})] == [[6, 2, 4], [0, 5, 1, 3]]
+
+
+def test_multi_gold_and_short_candidate_lists_are_masked_in_the_support_loss(setup):
+    s, meta_params, bank = setup
+    tools = [Tool(f"t{i}", f"tool{i}", d) for i, d in enumerate(["weather forecast", "stock prices", "maps"])]
+    items = (EvalItem("m", "weather and stocks", ("t1", "t0"), ("t0", "t1", "t2")),  # both gold
+             EvalItem("one", "rain?", ("t0",), ("t0",)),                               # a single candidate
+             EvalItem("far", "maps", ("t2",), ("t1", "t2")))
+    es = EvalSet("mask/test", "mask", Catalogue(tools), items, seed=0)
+    batch = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1)._support(es, list(items))
+    np.testing.assert_array_equal(batch["label"], [0, 0, 1])   # the first gold tool in candidate order
+    np.testing.assert_array_equal(batch["cand_mask"], [[True, False, True], [True, False, False], [True, True, False]])
+    bad = EvalItem("nogold", "x", ("t2",), ("t0", "t1"))
+    with pytest.raises(ValueError, match="nogold"):
+        adapt_lib.adapt_scorer(bank, s, meta_params, shots=1)._support(es, [bad])
+    # the masked loss is the mean over items of the cross-entropy over each one's unmasked candidates
+    loss_fn = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=s.loss_scale)
+    init = meta.initial_params(meta_params, s.meta)
+    full, _ = loss_fn(init, bank.base, batch)
+    per_item = []
+    for i in range(3):
+        keep = np.flatnonzero(batch["cand_mask"][i])
+        one = {k: v for k, v in batch.items() if k != "cand_mask"}
+        one.update(query_h=batch["query_h"][i:i + 1], query_mask=batch["query_mask"][i:i + 1],
+                   cands=batch["cands"][i:i + 1, keep], label=np.array([list(keep).index(batch["label"][i])]))
+        per_item.append(float(loss_fn(init, bank.base, one)[0]))
+    assert per_item[1] == pytest.approx(0.0, abs=1e-6) and per_item[0] > 0.01 and per_item[2] > 0.01
+    np.testing.assert_allclose(float(full), np.mean(per_item), rtol=1e-5)
 
 
 def _unadapted_scores(setup, group):

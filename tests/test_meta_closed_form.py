@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from mta_jax import meta
+from mta_jax.meta import algorithms
 
 D = 4
 ALPHA = 0.1
@@ -222,3 +223,26 @@ def test_support_weight_rejected_where_it_has_no_meaning():
         meta.MetaConfig("reptile", support_weight=0.5)
     with pytest.raises(ValueError, match="support_weight must be >= 0"):
         meta.MetaConfig("maml", support_weight=-1.0)
+
+
+def test_conjugate_gradient_solves_indefinite_systems(x64):
+    """I + H/lambda is indefinite where H has eigenvalues below -lambda (LoRA's init has negative
+    curvature); CG must keep taking its steps there, not stall on p.Ap < 0."""
+    a = jnp.diag(jnp.array([1.0, -0.5]))
+    x = algorithms.conjugate_gradient(lambda v: {"w": a @ v["w"]}, {"w": jnp.ones(2)}, steps=2)
+    np.testing.assert_allclose(np.asarray(x["w"]), [1.0, -2.0], atol=1e-12)
+    rng = x64
+    m = rng.normal(size=(D, D))
+    sym = m + m.T  # a random symmetric, in general indefinite, matrix
+    b = rng.normal(size=D)
+    x = algorithms.conjugate_gradient(lambda v: {"w": sym @ v["w"]}, {"w": jnp.asarray(b)}, steps=D)
+    np.testing.assert_allclose(np.asarray(x["w"]), np.linalg.solve(sym, b), rtol=1e-6)
+
+
+def test_configurations_that_cannot_work_are_rejected_up_front():
+    with pytest.raises(ValueError, match="meta_sgd.*hvp='reverse'"):
+        meta.MetaConfig("meta_sgd", meta.InnerConfig(hvp="forward"))
+    with pytest.raises(ValueError, match="reptile.*steps >= 1"):
+        meta.MetaConfig("reptile", meta.InnerConfig(steps=0))
+    # iMAML never differentiates its inner loop: hvp is irrelevant there and must not clash with its prox
+    assert algorithms._imaml_inner(meta.MetaConfig("imaml", meta.InnerConfig(hvp="forward"))).prox == 1.0

@@ -52,3 +52,19 @@ def test_all_unlabelled_batch_reports_zero_accuracy_not_nan():
     loss, aux = losses.candidate_cross_entropy(np.zeros((3, 4)), np.full(3, -1))
     np.testing.assert_allclose(loss, np.log(4), rtol=1e-12)
     assert float(aux["acc"]) == 0.0
+
+
+def test_no_items_give_zero_loss_not_nan():
+    """An episode with ``support=0`` (allowed by EpisodeConfig) must not poison the logged losses."""
+    loss, aux = losses.candidate_cross_entropy(np.zeros((0, 5)), np.zeros(0, np.int32))
+    assert float(loss) == 0.0 and float(aux["acc"]) == 0.0
+    g = jax.grad(lambda s: losses.candidate_cross_entropy(s, np.zeros(0, np.int32))[0])(np.zeros((0, 5)))
+    assert g.shape == (0, 5)
+
+
+def test_masked_candidates_get_no_probability_and_no_nan_in_the_entropy():
+    scores = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 9.0]])
+    loss_fn = lambda s, y: losses.candidate_cross_entropy(jax.numpy.where(np.array([[1, 1, 0], [1, 1, 0]], bool), s, losses.MASKED_SCORE), y)[0]
+    np.testing.assert_allclose(loss_fn(scores, np.array([0, -1])),
+                               (np.log1p(np.exp(1.0)) + np.log(2)) / 2, rtol=1e-6)
+    assert np.isfinite(jax.grad(loss_fn)(scores, np.array([-1, -1]))).all()

@@ -87,3 +87,29 @@ def test_bad_protocol_line_named(tmp_path):
                                          '{"id": "b::x", "query": "q", "gold": "x"}\n')
     with pytest.raises(records.DataError, match=r"train_items.jsonl:2 field 'excluded': missing field"):
         protocol.load_train_items(tmp_path, "metatool")
+
+
+@pytest.mark.parametrize("field", ["gold", "query"])
+def test_a_protocol_line_disagreeing_with_its_source_record_is_named(tmp_path, data_dir, source, field):
+    d = tmp_path / "protocol" / "metatool"
+    d.mkdir(parents=True)
+    lines = (data_dir / "protocol" / "metatool" / "test_sd_seed0.jsonl").read_text("utf-8").splitlines()[:3]
+    objs = [json.loads(x) for x in lines]
+    if field == "gold":  # swap in another candidate as gold: the file stays well-formed
+        objs[1]["gold"] = next(c for c in objs[1]["candidates"] if c != objs[1]["gold"])
+    else:
+        objs[1]["query"] += " (edited)"
+    (d / "test_sd_seed0.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objs), "utf-8")
+    with pytest.raises(records.DataError, match=rf"test_sd_seed0.jsonl:2 field '{field}': .* disagrees"):
+        protocol.load_protocol_items(tmp_path, "metatool", "test", "sd", 0, source=source["metatool"][1])
+
+
+def test_bad_splits_json_is_named(tmp_path):
+    d = tmp_path / "protocol" / "metatool"
+    d.mkdir(parents=True)
+    (d / "splits.json").write_text('{"a": "train",', "utf-8")
+    with pytest.raises(records.DataError, match=r"splits.json: not valid JSON"):
+        protocol.load_splits(tmp_path, "metatool")
+    (d / "splits.json").write_text('["a"]', "utf-8")
+    with pytest.raises(records.DataError, match=r"splits.json: expected an object"):
+        protocol.load_splits(tmp_path, "metatool")

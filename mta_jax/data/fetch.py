@@ -59,7 +59,7 @@ SOURCES: Mapping[str, Source] = {
     "bfcl": Source(wheel="bfcl-eval==2026.3.23", wheel_dir="bfcl_eval/data",
                    files=tuple(f"BFCL_v4_{c}.json" for c in raw_lib.BFCL_CATEGORIES)
                    + tuple(f"possible_answer/BFCL_v4_{c}.json" for c in raw_lib.BFCL_CATEGORIES
-                           if "irrelevance" not in c and c != "live_relevance")),
+                           if c not in raw_lib.BFCL_NO_ANSWER)),
     "seal_tools": Source(url=f"{_GH}/fairyshine/Seal-Tools/ce753ecd60ed08dd376984035de531ab8421f1c6/Seal-Tools_Dataset",
                          files=("tool.jsonl", "dev.jsonl", "test_in_domain.jsonl", "dataset_for_finetune/dev.json",
                                 "dataset_for_finetune/test_in_domain.json")),

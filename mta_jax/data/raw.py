@@ -25,6 +25,17 @@ def _json(path: pathlib.Path):
         raise DataError(f"{where(path, e.lineno)}: malformed JSON ({e.msg})") from None
 
 
+def _dig(obj, loc: str, *keys):
+    """``obj[k0][k1]...``, or a DataError naming ``loc`` and the path of keys that is missing."""
+    for i, k in enumerate(keys):
+        try:
+            obj = obj[k]
+        except (KeyError, IndexError, TypeError):
+            path = "".join(f"[{x!r}]" for x in keys[: i + 1])
+            raise DataError(f"{loc}: missing or malformed field {path}") from None
+    return obj
+
+
 def _record(rid: str, query: str, gold, cands, meta, cat: Catalogue, path, line) -> QueryRecord:
     obj = {"id": rid, "query": query, "gold": list(gold), "candidates": None if cands is None else list(cands),
            "meta": meta}
@@ -115,8 +126,12 @@ def parse_toollens(data_dir) -> Parsed:
                           types.MappingProxyType({"tool_name": tool_name, "doc_text": text})))
     cat = Catalogue(tools, source=str(path))
     path = raw / "queries.jsonl"
-    queries = {records.require_text(o, "_id", path, n): (records.require_text(o, "text", path, n), n)
-               for n, o in records.iter_jsonl(path)}
+    queries: dict[str, tuple[str, int]] = {}
+    for n, o in records.iter_jsonl(path):
+        qid = records.require_text(o, "_id", path, n)
+        if qid in queries:
+            raise DataError(f"{where(path, n, '_id')}: duplicate query id {qid!r} (first at line {queries[qid][1]})")
+        queries[qid] = (records.require_text(o, "text", path, n), n)
     out = {}
     for split in ("train", "test"):
         path = raw / "qrels" / f"{split}.tsv"
@@ -128,9 +143,15 @@ def parse_toollens(data_dir) -> Parsed:
                     continue
                 if len(parts) != 3:
                     raise DataError(f"{where(path, n)}: expected query-id, corpus-id, score")
-                qid, tid, _ = parts
+                qid, tid, score = parts
                 if qid not in queries:
                     raise DataError(f"{where(path, n, 'query-id')}: unknown query {qid!r}")
+                try:
+                    relevant = float(score) > 0  # BEIR qrels: a score of 0 marks a judged non-relevant pair
+                except ValueError:
+                    raise DataError(f"{where(path, n, 'score')}: not a number: {score!r}") from None
+                if not relevant:
+                    continue
                 g = gold.setdefault(qid, [n])
                 if tid not in g:
                     g.append(tid)
@@ -143,6 +164,10 @@ BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple",
                    "live_parallel", "live_parallel_multiple", "irrelevance", "live_irrelevance", "live_relevance")
 
 
+# Categories without a ground truth by design: no function should be called (gold = []).
+BFCL_NO_ANSWER = ("irrelevance", "live_irrelevance", "live_relevance")
+
+
 def parse_bfcl(data_dir) -> Parsed:
     """BFCL v4 ``BFCL_v4_<category>.json`` (JSONL) + ``possible_answer/``: per-example docs, tool id
     ``"<example id>::<function name>"``; query = the first turn's user message(s), system prompt in meta."""
@@ -151,6 +176,8 @@ def parse_bfcl(data_dir) -> Parsed:
     answers: dict[str, dict[str, list]] = {}
     for c in BFCL_CATEGORIES:
         ans = raw / "possible_answer" / f"BFCL_v4_{c}.json"
+        if c not in BFCL_NO_ANSWER and not ans.is_file():
+            raise DataError(f"{ans}: missing; BFCL category {c!r} needs its possible answers for a gold tool")
         if ans.is_file():
             answers[c] = {}
             for n, o in records.iter_jsonl(ans):
@@ -164,8 +191,9 @@ def parse_bfcl(data_dir) -> Parsed:
         for n, o in records.iter_jsonl(path):
             eid = records.require_text(o, "id", path, n)
             turns = o.get("question")
-            if not isinstance(turns, list) or not turns or not isinstance(turns[0], list):
-                raise DataError(f"{where(path, n, 'question')}: expected a list of turns")
+            if (not isinstance(turns, list) or not turns or not isinstance(turns[0], list)
+                    or not all(isinstance(m, dict) for m in turns[0])):
+                raise DataError(f"{where(path, n, 'question')}: expected a list of turns of message objects")
             users = [m.get("content", "") for m in turns[0] if m.get("role") == "user"]
             system = next((m.get("content") for m in turns[0] if m.get("role") == "system"), None)
             funcs = o.get("function")
@@ -211,17 +239,23 @@ def parse_seal_tools(data_dir) -> Parsed:
         ft = raw / "dataset_for_finetune" / f"{split}.json"
         shipped = {}
         for i, ex in enumerate(_json(ft)):
-            m = _API_LIST.search(ex["conversations"][0]["value"])
+            loc = f"{ft} entry {i}"
+            prompt = _dig(ex, loc, "conversations", 0, "value")
+            m = _API_LIST.search(prompt) if isinstance(prompt, str) else None
             if m is None:
-                raise DataError(f"{ft} entry {i} field 'conversations': no api_list in the prompt")
-            shipped[ex["id"]] = [a["api_name"] for a in ast.literal_eval(m.group(1))]
+                raise DataError(f"{loc} field 'conversations': no api_list in the prompt")
+            try:
+                apis = ast.literal_eval(m.group(1))
+            except (ValueError, SyntaxError) as e:
+                raise DataError(f"{loc} field 'conversations': api_list is not a Python literal ({e})") from None
+            shipped[_dig(ex, loc, "id")] = [_dig(a, f"{loc} api_list", "api_name") for a in apis]
         path = raw / f"{split}.jsonl"
         recs = []
         for n, o in records.iter_jsonl(path):
             rid = records.require_text(o, "id", path, n)
             calls = o.get("calling")
-            if not isinstance(calls, list) or not calls:
-                raise DataError(f"{where(path, n, 'calling')}: expected a non-empty list of calls")
+            if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) for c in calls):
+                raise DataError(f"{where(path, n, 'calling')}: expected a non-empty list of call objects")
             if rid not in shipped:
                 raise DataError(f"{where(path, n, 'id')}: {rid!r} missing from {ft}")
             gold = list(dict.fromkeys(c.get("api") for c in calls))
@@ -259,8 +293,9 @@ def parse_api_bank_level1(data_dir) -> Parsed:
         m = re.match(r"API-Request: \[(\w+)\(", records.require_text(ex, "expected_output", loc, None))
         if m is None:
             raise DataError(f"{loc} field 'expected_output': not 'API-Request: [Name(...)]'")
-        rows.append((f"level-1-api-{ex['file']}-{ex['id']}", ex["input"], [m.group(1)], cands,
-                     {"file": ex["file"], "expected_output": ex["expected_output"]}, loc))
+        file, query = records.require_text(ex, "file", loc, None), records.require_text(ex, "input", loc, None)
+        rows.append((f"level-1-api-{file}-{_dig(ex, loc, 'id')}", query, [m.group(1)], cands,
+                     {"file": file, "expected_output": ex["expected_output"]}, loc))
     cat = Catalogue(tools.values(), source=str(path))
     return cat, {"level-1": [_record(*r[:5], cat, r[5], None) for r in rows]}
 

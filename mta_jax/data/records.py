@@ -215,9 +215,14 @@ def record_from_obj(obj: Mapping, catalogue: Catalogue, path, line: int) -> Quer
             raise DataError(f"{where(path, line, f)}: missing field")
     gold = _id_list(obj, "gold", catalogue, path, line)
     cands = None if obj["candidates"] is None else _id_list(obj, "candidates", catalogue, path, line)
-    meta = obj.get("meta") or {}
+    if gold and cands is not None and not set(gold) & set(cands):
+        # ([] candidates are fine where there is nothing to choose: BFCL's irrelevance records)
+        raise DataError(f"{where(path, line, 'candidates')}: none of the gold tools {list(gold)} is among "
+                        f"the {len(cands)} candidates, so no answer could be right")
+    meta = obj.get("meta")
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict):
-        raise DataError(f"{where(path, line, 'meta')}: expected an object")
+        raise DataError(f"{where(path, line, 'meta')}: expected an object, got {type(meta).__name__}")
     return QueryRecord(rid, query, gold, cands, types.MappingProxyType(meta))
 
 

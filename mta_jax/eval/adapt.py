@@ -1,10 +1,12 @@
 """``mta_adapt``: k-shot inner-loop adaptation to the unseen tools before predicting (MTA + adapt).
 
 The items of a set are split into two folds: each gold tool's items are divided by a seeded
-permutation. The meta-learned LoRA is adapted once per fold with the inner loop of training on a
-support set drawn from the *other* fold — up to ``shots`` items of every unseen tool, round-robin
-over the tools up to ``max_support`` items, each with its own shipped candidates — and that one
-adapted LoRA scores every item of the fold. So a scored item is never in its support set, and the
+permutation, keeping items with the same query text in one fold. The meta-learned LoRA is adapted
+once per fold with the inner loop of training on a support set drawn from the *other* fold — up to
+``shots`` items of every unseen tool, round-robin over the tools up to ``max_support`` items, each
+with its own shipped candidates (a multi-gold item's other gold tools left out of its softmax) —
+and that one adapted LoRA scores every item of the fold. So neither a scored item nor a copy of
+its query is ever in its support set, and the
 model that scores an item does not depend on the item's gold tool: the adaptation is a k-shot,
 N-way adaptation to the whole unseen tool set, as a deployment would do it with a few labelled
 queries per new tool.
@@ -53,6 +55,46 @@ _PAD = 32
 
 def _round_up(n: int, m: int = _PAD) -> int:
     return max(m, -(-n // m) * m)
+
+
+def _query_groups(items: Sequence[EvalItem]) -> np.ndarray:
+    """A group id per item; items with the same (stripped) query text share one."""
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(it.query.strip(), len(ids)) for it in items], np.int64)
+
+
+def _split(order: np.ndarray, groups: np.ndarray, fold_of_group: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``order`` (item indices) into two folds of ``len // 2`` and the rest, as groups allow.
+
+    Every item goes to its group's fold. A group seen for the first time (here or in an earlier
+    call sharing ``fold_of_group``) goes to fold 0 if all its items in ``order`` still fit in the
+    first half, else to fold 1. With every group a single item this is exactly
+    ``order[:n // 2], order[n // 2:]``; each fold keeps ``order``'s order.
+    """
+    half, out = len(order) // 2, ([], [])
+    members: dict[int, int] = {}
+    for i in order:
+        members[int(groups[i])] = members.get(int(groups[i]), 0) + 1
+    size = [0, 0]
+    for g, m in members.items():
+        if g in fold_of_group:
+            size[fold_of_group[g]] += m
+    for i in order:
+        g = int(groups[i])
+        if g not in fold_of_group:
+            fold_of_group[g] = 0 if size[0] + members[g] <= half else 1
+            size[fold_of_group[g]] += members[g]
+        out[fold_of_group[g]].append(int(i))
+    return np.array(out[0], np.int64), np.array(out[1], np.int64)
+
+
+def _support_label(eval_set: EvalSet, item: EvalItem) -> int:
+    """Position of the item's first gold tool among its candidates (the support item's label)."""
+    for j, t in enumerate(item.candidates):
+        if t in item.gold:
+            return j
+    raise ValueError(f"{eval_set.name}: item {item.id!r} has none of its gold tools {list(item.gold)} "
+                     f"among its candidates, so it cannot be a labelled support item")
 
 
 class AdaptScorer:
@@ -119,17 +161,24 @@ class AdaptScorer:
         rows = len(items)
         docs: dict[str, int] = {}
         cands = np.zeros((rows, c), np.int32)
-        labels = np.zeros((rows,), np.int32)
+        cand_mask = np.zeros((rows, c), bool)
+        labels = np.full((rows,), -1, np.int32)
         for i, it in enumerate(items):
             for j, t in enumerate(it.candidates):
                 cands[i, j] = docs.setdefault(t, len(docs))
-            labels[i] = it.candidates.index(it.gold[0]) if self.labelled else -1
+            cand_mask[i, : len(it.candidates)] = True
+            if self.labelled:
+                labels[i] = _support_label(eval_set, it)
+                # another gold tool of a multi-gold item is not a wrong answer: leave it out of the
+                # softmax, as the protocol files' ``excluded`` tools are left out of the candidates
+                cand_mask[i, : len(it.candidates)] = [t not in it.gold or j == labels[i]
+                                                      for j, t in enumerate(it.candidates)]
         texts = [self._doc(eval_set, t) for t in docs]
         tool_h, tool_mask = self._bottoms(texts, self.s.data.doc_len, _round_up(len(texts)))
         queries = [it.query for it in items]
         query_h, query_mask = self._bottoms(queries, self.s.data.query_len, rows)
         return {"tool_h": tool_h, "tool_mask": tool_mask, "query_h": query_h, "query_mask": query_mask,
-                "cands": cands, "label": labels}
+                "cands": cands, "cand_mask": cand_mask, "label": labels}
 
     def _support_items(self, items, by_tool_fold: dict[str, np.ndarray]):
         """Round-robin over tools (sorted ids): each tool's first, then second, ... fold item."""
@@ -143,23 +192,29 @@ class AdaptScorer:
 
     @staticmethod
     def _folds(first: EvalSet) -> tuple[dict, dict]:
-        """Per gold tool, a seeded half of its items in each fold (``{tool: item indices}``)."""
+        """Per gold tool, a seeded half of its items in each fold (``{tool: item indices}``).
+
+        Items with the same query text always share a fold (:func:`_split`), so no item is scored
+        by a LoRA adapted on a copy of itself (API-Bank has identical items in two dialogue files;
+        ToolLens lists one query once per gold tool).
+        """
+        groups = _query_groups(first.items)
         by_tool: dict[str, list[int]] = {}
         for i, it in enumerate(first.items):
             by_tool.setdefault(it.gold[0], []).append(i)
         folds: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
+        fold_of_group: dict[int, int] = {}
         for tool, idx in sorted(by_tool.items()):
             rng = np.random.default_rng((first.seed or 0, zlib.crc32(tool.encode("utf-8"))))
-            perm = rng.permutation(idx)
-            folds[0][tool], folds[1][tool] = perm[: len(perm) // 2], perm[len(perm) // 2:]
+            folds[0][tool], folds[1][tool] = _split(rng.permutation(idx), groups, fold_of_group)
         return folds
 
     @staticmethod
     def _unlabelled_folds(first: EvalSet) -> tuple[dict, dict]:
-        """Two halves of a seeded permutation of all items, each under the single key ``None``."""
+        """Two halves of a seeded permutation of all items (same query text, same half), under key ``None``."""
         perm = np.random.default_rng((first.seed or 0, len(first.items))).permutation(len(first.items))
-        half = len(perm) // 2
-        return {None: perm[:half]}, {None: perm[half:]}
+        half0, half1 = _split(perm, _query_groups(first.items), {})
+        return {None: half0}, {None: half1}
 
     def _doc_items(self, first: EvalSet) -> list[EvalItem]:
         """One pseudo-item per tool among the set's candidates (sorted ids, capped at ``max_support``)."""

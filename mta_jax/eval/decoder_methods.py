@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from mta_jax.data import render
+from mta_jax.eval import metrics
 from mta_jax.eval.metrics import Scorer
 from mta_jax.eval.sets import EvalSet
 from mta_jax.meta import losses
@@ -110,15 +111,22 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
     return score
 
 
+def answer_scores(answer: str, labels: Sequence[str]) -> np.ndarray:
+    """1 for the candidates whose (normalised) label equals ``answer``, 0 for the others; an answer
+    matching none abstains (:data:`mta_jax.eval.metrics.ABSTAIN`: every score ``-inf``)."""
+    hit = np.array([lab == answer for lab in labels], np.float64)
+    return hit if hit.any() else np.full(len(labels), metrics.ABSTAIN)
+
+
 def generation_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, max_len: int,
                       batch_size: int, log: Callable[[str], None] | None = None) -> Scorer:
     """Greedy generation + exact match: the candidate whose name equals the answer gets score 1.
 
     The answer is the generated text up to eos, first line, stripped; a candidate matches when its
     name, round-tripped through the tokenizer (so uncased tokenizers compare like for like), is
-    equal. An answer matching no candidate must count as wrong, but the metrics pick an argmax
-    over candidate scores, so such an item scores its gold candidates -1 and the others 0 (the
-    only use of the gold here; the count of invalid answers is logged).
+    equal. An answer matching no candidate abstains (:data:`mta_jax.eval.metrics.ABSTAIN`: all
+    scores ``-inf``), which every metric counts as wrong — also where every candidate is gold; the
+    count of such answers is logged. The gold tools are never read here.
     """
     gen = jax.jit(generate.greedy, static_argnums=(0, 4, 5))
 
@@ -149,11 +157,9 @@ def generation_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, ma
         out, k, invalid = [], 0, 0
         for s, rows in zip(group, texts):
             per_set = []
-            for it, (_, labs) in zip(s.items, rows):
-                hit = np.array([canon[lab] == answers[k] for lab in labs], np.float64)
-                if not hit.any():
-                    invalid += 1
-                    hit = -np.array([c in set(it.gold) for c in it.candidates], np.float64)
+            for _, labs in rows:
+                hit = answer_scores(answers[k], [canon[lab] for lab in labs])
+                invalid += bool(np.isneginf(hit).all())
                 per_set.append(hit)
                 k += 1
             out.append(per_set)

@@ -4,10 +4,15 @@ Conventions:
 
 * A method returns, per item, one score per candidate (in the item's candidate order) or, for
   ``candidates=None`` items, one score per catalogue tool (in catalogue order).
-* The choice is the argmax with ties going to the *first* candidate (``np.argmax`` semantics), so a
-  constant scorer always picks candidate 0 — deterministic, never optimistic.
-* Rankings (recall@k, nDCG@k) sort by descending score with a *stable* sort, so ties keep
-  candidate order, consistent with the argmax rule.
+* Exact ties are scored by their expectation under a uniformly random order of the tied
+  candidates: top-1 gives ``|gold ∩ best| / |best|`` for the set ``best`` of candidates sharing
+  the maximum, and recall@k / nDCG@k give each tied gold tool the mean over the ranks its tie
+  spans. So a constant scorer gets exactly the chance rate whatever the candidate order — the
+  shipped candidate lists often put the gold tool first (Seal-Tools, API-Bank, BFCL), where a
+  "first candidate wins ties" rule would reward tied or collapsed scores. Deterministic.
+  (:func:`choose`, the single pick shown to a user, takes the first of the tied.)
+* A score vector of all :data:`ABSTAIN` (``-inf``) is an abstention — e.g. a generated answer that
+  names no candidate — and counts as wrong for every metric, even where every candidate is gold.
 * Seeds of a protocol set are aggregated as mean and **sample** standard deviation
   (``ddof=1``, :data:`STD_DDOF`): the five protocol seeds are draws of distractor sets, and the
   spread we report is the estimate of that draw-to-draw variability, not of five fixed numbers.
@@ -25,6 +30,7 @@ if TYPE_CHECKING:  # only for annotations: metrics stay importable without the d
     from mta_jax.eval.sets import EvalSet
 
 STD_DDOF = 1
+ABSTAIN = -np.inf  # every score of an item at this value: the method made no choice (counted wrong)
 RECALL_K = 5
 NDCG_K = 10
 
@@ -50,34 +56,82 @@ def ranking(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores), kind="stable")
 
 
-def top1_correct(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]) -> bool:
-    """Whether the chosen candidate is one of the gold tools (multi-gold: any gold counts)."""
-    return candidates[choose(scores)] in set(gold)
+def tie_ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate, the ranks ``[lo, hi)`` (0 = best) that its exactly-tied group occupies.
+
+    A candidate with a unique score has ``hi == lo + 1``; ``m`` candidates sharing a score all get
+    the same ``m`` consecutive ranks, any of which a random order of the tie would give each.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D array, got shape {s.shape}")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN; a NaN would make the ranking arbitrary")
+    _, group, counts = np.unique(-s, return_inverse=True, return_counts=True)  # best group first
+    lo = (np.cumsum(counts) - counts)[group]
+    return lo, lo + counts[group]
+
+
+def _abstains(scores: np.ndarray) -> bool:
+    return bool(np.all(np.asarray(scores) == ABSTAIN))
+
+
+def _is_gold(candidates: Sequence[str], gold: Sequence[str]) -> tuple[np.ndarray, int]:
+    gold_set = set(gold)
+    return np.array([c in gold_set for c in candidates], bool), len(gold_set)
+
+
+def _expected_weight(lo: np.ndarray, hi: np.ndarray, k: int,
+                     weight: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per candidate, the mean over its tie ranks ``r`` in ``[lo, hi)`` of ``weight(r)`` if ``r < k``, else 0."""
+    out = np.zeros(lo.shape, np.float64)
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        if a < k:
+            out[i] = weight(np.arange(a, min(b, k))).sum() / (b - a)
+    return out
+
+
+def top1_credit(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]) -> float:
+    """Top-1 accuracy of one item: the fraction of the best-scored (tied) candidates that are gold.
+
+    1 or 0 when the maximum is unique; multi-gold items count any gold tool as correct.
+    """
+    lo, _ = tie_ranks(scores)
+    is_gold, _ = _is_gold(candidates, gold)
+    if _abstains(scores):
+        return 0.0
+    best = lo == 0
+    return float(is_gold[best].sum() / best.sum())
 
 
 def recall_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str],
                 k: int = RECALL_K) -> float:
-    """Fraction of the gold tools found among the ``k`` highest-scored candidates."""
-    gold_set = set(gold)
-    if not gold_set:
+    """Fraction of the gold tools found among the ``k`` highest-scored candidates (ties: expected)."""
+    is_gold, n_gold = _is_gold(candidates, gold)
+    if not n_gold:
         raise ValueError("recall is undefined for an item without gold tools")
-    top = {candidates[i] for i in ranking(scores)[:k]}
-    return len(top & gold_set) / len(gold_set)
+    lo, hi = tie_ranks(scores)
+    if _abstains(scores):
+        return 0.0
+    return float(_expected_weight(lo[is_gold], hi[is_gold], k, np.ones_like).sum() / n_gold)
 
 
 def ndcg_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str],
               k: int = NDCG_K) -> float:
     """Binary-relevance nDCG@k: ``sum_{rank r<=k, relevant} 1/log2(r+1)`` over the ideal value.
 
-    The ideal ranking puts ``min(|gold|, k)`` relevant tools first (Järvelin & Kekäläinen, 2002).
+    The ideal ranking puts ``min(|gold|, k)`` relevant tools first (Järvelin & Kekäläinen, 2002);
+    a tied tool gets the expected discount of a random order of its tie.
     """
-    gold_set = set(gold)
-    if not gold_set:
+    is_gold, n_gold = _is_gold(candidates, gold)
+    if not n_gold:
         raise ValueError("nDCG is undefined for an item without gold tools")
-    order = ranking(scores)[:k]
-    dcg = sum(1.0 / math.log2(r + 2) for r, i in enumerate(order) if candidates[i] in gold_set)
-    ideal = sum(1.0 / math.log2(r + 2) for r in range(min(len(gold_set), k)))
-    return dcg / ideal
+    lo, hi = tie_ranks(scores)
+    if _abstains(scores):
+        return 0.0
+    dcg = _expected_weight(lo[is_gold], hi[is_gold], k, lambda r: 1.0 / np.log2(r + 2.0)).sum()
+    ideal = sum(1.0 / math.log2(r + 2) for r in range(min(n_gold, k)))
+    return float(dcg / ideal)
 
 
 def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, float]:
@@ -106,7 +160,7 @@ def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, fl
         if s.shape != (len(cands),):
             raise ValueError(f"{eval_set.label}: item {item.id!r} has {len(cands)} candidates "
                              f"but scores of shape {s.shape}")
-        correct += top1_correct(s, cands, item.gold)
+        correct += top1_credit(s, cands, item.gold)
         if item.candidates is None:
             recalls.append(recall_at_k(s, cands, item.gold))
             ndcgs.append(ndcg_at_k(s, cands, item.gold))

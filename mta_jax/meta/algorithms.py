@@ -62,6 +62,12 @@ class MetaConfig:
             raise ValueError("MetaConfig(name='imaml') adapts every leaf; inner.adapt_pattern must be None")
         if self.name == "meta_sgd" and self.inner.optimizer != "sgd":
             raise ValueError(f"MetaConfig(name='meta_sgd') needs inner.optimizer='sgd', got {self.inner.optimizer!r}")
+        if self.name == "meta_sgd" and self.inner.hvp == "forward":
+            raise ValueError("MetaConfig(name='meta_sgd') learns per-leaf inner rates, which "
+                             "inner.hvp='forward' (plain SGD steps only) cannot differentiate; use hvp='reverse'")
+        if self.name == "reptile" and self.inner.steps < 1:
+            raise ValueError("MetaConfig(name='reptile') needs inner.steps >= 1: its direction theta - phi "
+                             "is zero without an inner step")
 
 
 class Algorithm(NamedTuple):
@@ -201,7 +207,9 @@ def _reptile_adapt(meta_params, loss_fn, support, cfg):
 # --- iMAML (Rajeswaran et al., 2019): implicit gradient, memory independent of inner steps. ----
 
 def _imaml_inner(cfg: MetaConfig) -> InnerConfig:
-    return dataclasses.replace(cfg.inner, prox=cfg.imaml_lambda, first_order=True, remat=False)
+    # The inner loop is never differentiated (the implicit gradient replaces it), so the way its
+    # steps would be differentiated (``hvp``) does not matter; "reverse" admits the prox term.
+    return dataclasses.replace(cfg.inner, prox=cfg.imaml_lambda, first_order=True, remat=False, hvp="reverse")
 
 
 def _vdot(x, y):
@@ -213,7 +221,10 @@ def conjugate_gradient(matvec: Callable, b: PyTree, steps: int) -> PyTree:
 
     A fixed iteration count (no tolerance test) keeps the cost static and the loop batchable
     under ``vmap`` (``jax.scipy.sparse.linalg.cg`` fails under vmap on tree-structured arguments
-    here). Zero residuals are guarded so an exact early solve does not divide by zero.
+    here). A zero ``p·Ap`` (an exact early solve) or residual is guarded against dividing by zero;
+    negative curvature is not special-cased: ``I + H/lambda`` can be indefinite (at LoRA's init the
+    Hessian has negative eigenvalues), and plain CG steps still solve a symmetric indefinite system
+    unless ``p·Ap`` vanishes.
     """
     axpy = lambda a, x, y: jax.tree.map(lambda u, v: a * u + v, x, y)
 
@@ -221,7 +232,7 @@ def conjugate_gradient(matvec: Callable, b: PyTree, steps: int) -> PyTree:
         x, r, p, rs = carry
         ap = matvec(p)
         pap = _vdot(p, ap)
-        alpha = jnp.where(pap > 0, rs / jnp.where(pap > 0, pap, 1.0), 0.0)
+        alpha = jnp.where(pap != 0, rs / jnp.where(pap != 0, pap, 1.0), 0.0)
         x = axpy(alpha, p, x)
         r = axpy(-alpha, ap, r)
         rs_new = _vdot(r, r)

@@ -122,7 +122,7 @@ class InnerAux(NamedTuple):
       losses: ``(steps,)`` support loss (without the proximal term) *before* each inner update,
         so ``losses[0]`` is the loss at the initialisation.
       aux: the loss function's aux output at each step, stacked on a leading ``steps`` axis
-        (``None`` without ``has_aux``).
+        (``None`` without ``has_aux``, or with 0 steps).
     """
 
     losses: jax.Array

@@ -16,6 +16,9 @@ from mta_jax.model import decoder
 from mta_jax.model import encoder
 
 
+MASKED_SCORE = -1e9  # the logit of a masked-out candidate: probability 0, no NaN in the entropy
+
+
 def candidate_cross_entropy(scores: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
     """Mean cross-entropy of ``scores [..., C]`` against gold positions ``labels [...]``.
 
@@ -25,7 +28,7 @@ def candidate_cross_entropy(scores: jax.Array, labels: jax.Array) -> tuple[jax.A
 
     Returns:
       ``(loss, {"acc": top-1 accuracy over the labelled items (0 when none is)})``; ties in the
-      argmax go to the first candidate, as in eval.
+      argmax go to the first candidate (a training statistic; eval scores ties by their expectation).
     """
     scores = jnp.asarray(scores)
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # bf16 -> f32; f64 stays
@@ -35,7 +38,8 @@ def candidate_cross_entropy(scores: jax.Array, labels: jax.Array) -> tuple[jax.A
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     hit = (jnp.argmax(scores, axis=-1) == labels) & labelled
     acc = jnp.sum(hit) / jnp.maximum(jnp.sum(labelled), 1)
-    return jnp.where(labelled, nll, entropy).mean(), {"acc": acc.astype(scores.dtype)}
+    per_item = jnp.where(labelled, nll, entropy)
+    return per_item.sum() / max(per_item.size, 1), {"acc": acc.astype(scores.dtype)}  # 0 items: 0, not NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,8 @@ class BiEncoderLoss:
     * ``query_h [S, Tq, D]``, ``query_mask [S, Tq]``: the same for the item queries.
     * ``cands [S, C]``: each item's candidates as indices into the ``N`` docs; ``label [S]``: gold
       position, or -1 for an unlabelled item (its loss is the entropy, see :func:`candidate_cross_entropy`).
+    * optional ``cand_mask [S, C]`` (bool): ``False`` drops a candidate from its item's softmax —
+      padding of items with fewer than ``C`` candidates, or another gold tool of a multi-gold item.
 
     Score = ``scale * cos(query, doc)`` (the sentence-transformers MultipleNegativesRanking recipe).
 
@@ -72,6 +78,8 @@ class BiEncoderLoss:
         queries = self.embed(lora, base, batch["query_h"], batch["query_mask"])  # [S, D]
         sims = queries @ docs.T                                                  # [S, N]
         scores = self.scale * jnp.take_along_axis(sims, batch["cands"], axis=-1)  # [S, C]
+        if "cand_mask" in batch:  # finite, so that exp(logp) * logp stays 0 in the entropy
+            scores = jnp.where(batch["cand_mask"], scores, MASKED_SCORE)
         return candidate_cross_entropy(scores, batch["label"])
 
 

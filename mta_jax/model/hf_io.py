@@ -94,8 +94,8 @@ class TensorReader:
     Args:
       tensors: name -> array, as from :func:`read_tensors` (each read once, when taken).
       source: where they came from (used in error messages).
-      prefix: optional name prefix to strip-or-add (e.g. ``"bert."`` or ``"model."``); a name is
-        looked up as given first, then with the prefix.
+      prefixes: name prefixes tried in the order given (e.g. ``("model.", "")``: the prefixed name
+        first, then the bare one); the first that exists is taken.
     """
 
     def __init__(self, tensors: Mapping[str, np.ndarray], source: str, prefixes: Iterable[str] = ("",)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -225,13 +225,3 @@ class LoRADense(nn.Module):
             x = x.astype(self.dtype)
         return lora_dense(x, params, leaf, self.lora_scale)
 
-
-def trainable_mask(tree: PyTree, pattern: str) -> PyTree:
-    """Boolean tree: True where the ``/``-joined leaf path full-matches ``pattern``."""
-    rx = _compile(pattern)
-    return jax.tree_util.tree_map_with_path(lambda p, _: bool(rx.fullmatch(path_str(p))), tree)
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
-    """``tree_map`` with the ``/``-joined path string as first argument."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree)

@@ -18,6 +18,10 @@ from typing import Callable
 import jax
 
 _cp = jax.checkpoint_policies
+# The ready-made policies of jax.checkpoint_policies (its other members are factories that *build*
+# a policy from names or other policies: accepting them would fail only when traced).
+JAX_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 # Project policies, looked up before jax.checkpoint_policies.
 POLICIES = {
     # Weight-matmul outputs plus the attention probabilities: the backward pass then recomputes
@@ -31,17 +35,17 @@ def checkpoint_layer(body: Callable, remat: bool | str) -> Callable:
     """``body`` wrapped in ``jax.checkpoint`` as ``remat`` asks (see the module docstring).
 
     Raises:
-      ValueError: ``remat`` names no policy of :data:`POLICIES` or ``jax.checkpoint_policies``.
+      ValueError: ``remat`` names no policy of :data:`POLICIES` or :data:`JAX_POLICIES`.
     """
     if remat is False or remat is None or remat == "":
         return body
     policy = None
     if remat is not True:
-        policy = POLICIES.get(str(remat)) or getattr(jax.checkpoint_policies, str(remat), None)
-        if policy is None or not callable(policy) or str(remat).startswith("_"):
-            valid = sorted(POLICIES) + sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
-            raise ValueError(f"remat={remat!r} is neither a bool nor a policy name "
-                             f"(POLICIES or jax.checkpoint_policies); e.g. {valid}")
+        name = str(remat)
+        policy = POLICIES.get(name) or (getattr(_cp, name) if name in JAX_POLICIES else None)
+        if policy is None:
+            raise ValueError(f"remat={remat!r} is neither a bool nor a policy name; choose one of "
+                             f"{sorted(POLICIES) + list(JAX_POLICIES)}")
     # prevent_cse=False: inside lax.scan the recomputation cannot be merged with the forward pass
     # anyway, and the CSE barrier would only block fusion (see the jax.checkpoint docs).
     return jax.checkpoint(body, policy=policy, prevent_cse=False)

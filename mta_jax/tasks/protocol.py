@@ -111,7 +111,12 @@ def _read_items(path: pathlib.Path, with_candidates: bool) -> list[ProtocolItem]
 def load_splits(data_dir, dataset: str) -> dict[str, str]:
     """Reads ``protocol/<dataset>/splits.json`` (``{tool_id: split}``)."""
     path = _protocol_dir(data_dir, dataset) / "splits.json"
-    splits = json.loads(path.read_text("utf-8"))
+    try:
+        splits = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise records.DataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(splits, dict):
+        raise records.DataError(f"{path}: expected an object {{tool_id: split}}, got {type(splits).__name__}")
     bad = {k: v for k, v in splits.items() if v not in SPLITS}
     if bad:
         raise records.DataError(f"{path}: unknown split value(s) {dict(list(bad.items())[:3])}")
@@ -140,13 +145,18 @@ def load_protocol_items(data_dir, dataset: str, split: str, regime: str, seed: i
     items = _read_items(path, with_candidates=True)
     if source is None:
         source = load_source_records(data_dir, dataset)[1]
-    excluded = {it.id: it.excluded for it in build_items(dataset, source)[split]}
+    rebuilt = {it.id: it for it in build_items(dataset, source)[split]}
     out = []
     for n, it in enumerate(items, start=1):
-        if it.id not in excluded:
+        if it.id not in rebuilt:
             raise records.DataError(f"{records.where(path, n, 'id')}: item {it.id!r} has no {split} source "
                                     f"record in normalized/{dataset}")
-        out.append(dataclasses.replace(it, excluded=excluded[it.id]))
+        want = rebuilt[it.id]
+        for field in ("gold", "query"):
+            if getattr(it, field) != getattr(want, field):
+                raise records.DataError(f"{records.where(path, n, field)}: {getattr(it, field)!r} disagrees with "
+                                        f"item {it.id!r} of normalized/{dataset} ({getattr(want, field)!r})")
+        out.append(dataclasses.replace(it, excluded=want.excluded))
     return out
 
 
