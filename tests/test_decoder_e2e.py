@@ -171,6 +171,21 @@ def _write_dir(root: pathlib.Path, candidates) -> pathlib.Path:
     return root
 
 
+def test_prompts_list_candidates_in_a_seeded_order_not_the_shipped_one():
+    """Shipped lists that always put the gold first must not show it first: position would answer."""
+    tools = [Tool(f"t{i}", f"tool{i}", f"does thing {i}") for i in range(5)]
+    items = tuple(EvalItem(f"q{k}", f"request {k}", ("t0",), tuple(f"t{i}" for i in range(5))) for k in range(40))
+    (rows,) = decoder_methods._item_texts((EvalSet("toy/first", "toy", Catalogue(tools), items),))
+    shown_first = []
+    for it, (prompt, labels) in zip(items, rows):
+        assert labels == [f" tool{i}" for i in range(5)]  # scores stay in candidate order
+        listed = [line[2:].split(":")[0] for line in prompt.splitlines() if line.startswith("- ")]
+        assert sorted(listed) == [f"tool{i}" for i in range(5)]
+        assert listed == [f"tool{i}" for i in decoder_methods.display_order(it.id, 5)]
+        shown_first.append(listed[0] == "tool0")
+    assert 2 <= sum(shown_first) <= 20  # about 1 in 5, never the shipped "always first"
+
+
 def test_a_generated_answer_naming_no_candidate_abstains_and_counts_wrong():
     np.testing.assert_array_equal(decoder_methods.answer_scores("b", ["a", "b", "c"]), [0, 1, 0])
     miss = decoder_methods.answer_scores("z", ["a", "b"])

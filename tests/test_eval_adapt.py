@@ -284,3 +284,14 @@ def test_adaptation_rematerialises_layers_and_gives_the_same_lora(setup):
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(init))) > 1e-4  # it adapted
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_tools_give_a_clear_error_not_a_silent_score(setup):
+    """BFCL-style sets: every gold tool has one item, so no fold holds other items of its tools."""
+    s, meta_params, bank = setup
+    tools = [Tool(f"t{i}", f"tool{i}", f"does thing {i}") for i in range(4)]
+    items = tuple(EvalItem(f"x{k}", f"request {k}", (f"t{k}",), ("t0", "t1", "t2", "t3")) for k in range(4))
+    group = (EvalSet("perex/test", "perex", Catalogue(tools), items, seed=0),)
+    with pytest.raises(ValueError, match=r"perex/test: fold 0 has no items to adapt on; 4 of its 4 gold tools "
+                                         r"have a single item"):
+        adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)(group)

@@ -264,7 +264,12 @@ class AdaptScorer:
             if not scored:
                 continue
             if not support:
-                raise ValueError(f"{first.name}: fold {1 - k} has no items to adapt on")
+                tools = {it.gold[0] for it in first.items}
+                single = sum(1 for t in tools if sum(it.gold[0] == t for it in first.items) == 1)
+                raise ValueError(f"{first.name}: fold {1 - k} has no items to adapt on; {single} of its "
+                                 f"{len(tools)} gold tools have a single item, and k-shot adaptation needs "
+                                 f"other items of the same tools (sets with per-example tools, like "
+                                 f"BFCL's, cannot be evaluated with {self.support!r} adaptation)")
             self.support_sizes.append((first.name, k, len(support), len({it.gold[0] for it in support})))
             fold = [dataclasses.replace(s, items=tuple(s.items[i] for i in scored)) for s in group]
             fold_scores = self._adapt_and_score(first, support, fold)

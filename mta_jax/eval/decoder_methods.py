@@ -13,6 +13,7 @@ pool) raises, naming the set. Prompts and targets are built exactly as in traini
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Sequence
 
 import jax
@@ -39,8 +40,17 @@ def split_method(name: str) -> tuple[str, str]:
     return base, variant
 
 
+def display_order(item_id: str, n: int) -> np.ndarray:
+    """The order a prompt lists an item's ``n`` candidates in: a permutation seeded by the item id.
+
+    Shipped candidate lists often put the gold tool first (Seal-Tools, API-Bank, BFCL); listed as
+    shipped, the position alone would carry the answer. Scores stay in candidate order.
+    """
+    return np.random.default_rng(zlib.crc32(item_id.encode("utf-8"))).permutation(n)
+
+
 def _item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
-    """Per set, per item: ``(prompt, [" label" of each candidate])``."""
+    """Per set, per item: ``(prompt, [" label" of each candidate])``, labels in candidate order."""
     out = []
     for s in group:
         style = prompts_lib.label_style(s.dataset)
@@ -51,7 +61,8 @@ def _item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
                                  f"{len(s.catalogue.ids())} tools); a decoder prompt cannot list the pool. "
                                  "Evaluate the decoder on sets with candidate lists")
             tools = [s.catalogue[t] for t in it.candidates]
-            prompt, _ = render.decoder_prompt(it.query, tools, label_style=style)
+            shown = [tools[i] for i in display_order(it.id, len(tools))]
+            prompt, _ = render.decoder_prompt(it.query, shown, label_style=style)
             rows.append((prompt, [" " + render.LABEL_STYLES[style](t) for t in tools]))
         out.append(rows)
     return out
