@@ -88,7 +88,7 @@ def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathl
     if _SETS.value is not None:
         eval_cmd.append("--sets=" + ",".join(_SETS.value))
     ft = ft_dir if _FT_CONFIG.value else None
-    if not _REEVAL.value and sweep.evaluation_is_current(mta_dir, _METHODS.value, _SETS.value, ft):
+    if not _REEVAL.value and sweep.evaluation_is_current(mta_dir, _METHODS.value, _SETS.value, ft, eval_cmd[2:]):
         print(f"[sweep] seed {seed}: evaluation reused ({mta_dir / 'eval'} is newer than its checkpoints)",
               flush=True)
         return mta_dir / "eval" / "results.json"
@@ -108,6 +108,10 @@ def main(argv):
         raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
     if _JOBS.value < 1:
         raise app.UsageError(f"--jobs must be >= 1, got {_JOBS.value}")
+    ft_methods = [m for m in _METHODS.value if m.split(":")[0].split("@")[0].startswith("ft")]
+    if ft_methods and not _FT_CONFIG.value:
+        # eval.py would score them with the MTA run itself, and every "mta - ft" difference would be 0
+        raise app.UsageError(f"--methods has FT methods {ft_methods} but --ft_config='' trains no FT run")
     root = pathlib.Path(_ROOT.value).resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     # Paths the user gave relative to their working directory, made absolute for the commands.

@@ -13,6 +13,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from launch import _common  # noqa: E402
 
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, as a shell reports a process killed by it
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics.jsonl).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -24,7 +26,13 @@ def main(argv):
     from mta_jax.train import loop
 
     logging.info("JAX %s, devices: %s", jax.__version__, jax.devices())
-    loop.train(_CONFIG.value, _WORKDIR.value, _common.DATA_DIR.value)
+    state = loop.train(_CONFIG.value, _WORKDIR.value, _common.DATA_DIR.value)
+    if not loop.finished(state, _CONFIG.value):
+        # Pre-empted (SIGTERM): checkpointed, not done. A non-zero status tells schedulers (and
+        # launch/sweep.py) to run it again rather than to use a partly trained run.
+        logging.warning("stopped at step %d of %d; rerun the same command to resume",
+                        int(jax.device_get(state.step)), _CONFIG.value.steps)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

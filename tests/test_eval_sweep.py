@@ -113,8 +113,19 @@ def test_evaluation_is_current_needs_same_methods_sets_ft_and_newer_results(tmp_
     assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)      # nothing evaluated yet
     (mta / "eval").mkdir()
     (mta / "eval" / "results.json").write_text("{}")
+    argv = ["--config", "c.py", "--config.eval.adapt_steps=3"]
     (mta / "eval" / "run.json").write_text(json.dumps({"methods": ["ft", "mta"], "sets": ["a/b"],
-                                                       "ft_workdir": str(ft)}))
+                                                       "ft_workdir": str(ft), "argv": argv}))
+    assert sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)
+    assert sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft, argv)
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft, argv[:2])  # other overrides
+    # methods, sets and the FT workdir are compared by their resolved values, not as spelled
+    assert sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft, argv + ["--sets=a/b", "--ft_workdir", "x"])
+    (mta / "config.json").write_text("{}")
+    later = (mta / "eval" / "results.json").stat().st_mtime + 10
+    os.utime(mta / "config.json", (later, later))                                      # MTA run re-configured
+    assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)
+    os.utime(mta / "config.json", (later - 20, later - 20))
     assert sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/b"], ft)
     assert not sweep.evaluation_is_current(mta, ["mta"], ["a/b"], ft)              # other methods
     assert not sweep.evaluation_is_current(mta, ["ft", "mta"], ["a/c"], ft)        # other sets
@@ -131,12 +142,16 @@ def test_sweep_reports_the_failing_command(tmp_path, data_dir):
     cwd = REPO / "tests"  # resolved from the repo root instead, "../configs/tiny.py" points outside it
     rel = lambda p: os.path.relpath(p, cwd)
     cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", rel(REPO / "configs/tiny.py"),
-           "--ft_config=", "--seeds=0", f"--root={tmp_path / 'out'}", "--args=--config.no_such_field=1",
-           f"--data_dir={rel(data_dir)}"]
+           "--ft_config=", "--methods=zero_shot,mta", "--seeds=0", f"--root={tmp_path / 'out'}",
+           "--args=--config.no_such_field=1", f"--data_dir={rel(data_dir)}"]
     proc = subprocess.run(cmd, cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "train.py" in proc.stderr and "no_such_field" in proc.stderr and "train_mta_s0.log" in proc.stderr
     assert "No such file" not in proc.stderr and (tmp_path / "out" / "logs" / "train_mta_s0.log").is_file()
+    # FT methods without an FT run would compare MTA with itself: refused before anything runs
+    cmd[cmd.index("--methods=zero_shot,mta")] = "--methods=ft,mta"
+    proc = subprocess.run(cmd, cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "FT methods ['ft'] but --ft_config=''" in proc.stderr
 
 
 def test_mta_methods_are_paired_with_their_ft_counterparts():

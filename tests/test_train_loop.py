@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import threading
 
@@ -247,3 +248,75 @@ def test_interpolated_lora_methods(uninterrupted, data_dir, monkeypatch):
     for bad, match in [("bm25:0.5", "only mta and ft"), ("mta:x", "not a number"), ("ft:-1", ">= 0")]:
         with pytest.raises(ValueError, match=match):
             evaluate.run(tiny_config(), wd, [bad], ["metatool/val_sd"], data_dir=str(data_dir), log=lambda _: None)
+
+
+def test_finished_tells_a_completed_run_from_a_stopped_one(uninterrupted):
+    _, state = uninterrupted
+    assert loop.finished(state, tiny_config())
+    assert not loop.finished(state, tiny_config(steps=5))
+
+
+def test_resuming_a_workdir_with_another_config_is_refused(uninterrupted, tmp_path, data_dir):
+    wd_full, _ = uninterrupted
+    wd = tmp_path / "run"
+    shutil.copytree(wd_full, wd)
+    before = (wd / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"another config \(.*lora.rank: 2 -> 4"):
+        loop.train(tiny_config(**{"steps": 6, "lora.rank": 4}), wd, str(data_dir))
+    with pytest.raises(ValueError, match=r"another config \(.*seed: 0 -> 7"):
+        loop.train(tiny_config(steps=6, seed=7), wd, str(data_dir))
+    assert (wd / "config.json").read_text() == before      # the workdir still describes its own run
+    # what may change on a resume: how long it runs, how often it logs and checkpoints, ...
+    state = loop.train(tiny_config(steps=6, log_every=3, checkpoint_every=3), wd, str(data_dir))
+    assert int(jax.device_get(state.step)) == 6
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_not_restored(uninterrupted, tmp_path):
+    from mta_jax.train import checkpoint
+
+    wd_full, state = uninterrupted
+    ckpt = checkpoint.Checkpointer(wd_full / "checkpoints", 2, {}, create=False)
+    try:
+        bigger = jax.tree.map(lambda x: jnp.zeros(x.shape + (2,), x.dtype) if x.ndim == 3 else x, state)
+        with pytest.raises(ValueError, match=r"checkpoint leaf .* is \(.*\) float32, but this config's state has"):
+            ckpt.restore(bigger)
+        restored, _ = ckpt.restore(state)           # the matching structure restores
+        for a, b in zip(jax.tree.leaves(restored.meta.params), jax.tree.leaves(state.meta.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finally:
+        ckpt.close()
+    with pytest.raises(FileNotFoundError, match="no checkpoints folder"):
+        checkpoint.Checkpointer(tmp_path / "typo" / "checkpoints", 1, {}, create=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_init_from_takes_the_parameters_only_and_starts_a_new_run(uninterrupted, tmp_path, data_dir):
+    wd_full, source = uninterrupted
+    wd = tmp_path / "warm"
+    state = loop.train(tiny_config(steps=2, init_from=str(wd_full)), wd, str(data_dir))
+    assert int(jax.device_get(state.step)) == 2                 # steps 0..1 of its own, not 4..
+    assert [r["step"] for r in metrics_lib.read_metrics(wd)] == [2]
+    assert (wd / "checkpoints" / "2").is_dir()
+    # the first step started from the source's parameters: it differs from a fresh start's first loss
+    fresh_loss = losses(wd_full)[2]
+    assert losses(wd)[2] != pytest.approx(fresh_loss, rel=1e-4)
+    with pytest.raises(FileNotFoundError, match="init_from='/nonexistent/run'"):
+        loop.train(tiny_config(steps=2, init_from="/nonexistent/run"), tmp_path / "cold", str(data_dir))
+
+
+def test_base_identity_is_the_content_not_the_path():
+    from mta_jax.train import checkpoint
+
+    saved = {"base_name": "/venv-a/site-packages/minilm", "base_fingerprint": "abc"}
+    checkpoint.check_identity(saved, {"base_name": "/venv-b/minilm", "base_fingerprint": "abc"}, where="w")
+    with pytest.raises(ValueError, match="fingerprint"):
+        checkpoint.check_identity(saved, {"base_name": "/venv-a/site-packages/minilm", "base_fingerprint": "abd"},
+                                  where="w")
+
+
+@pytest.mark.parametrize("field", ["log_every", "checkpoint_every", "steps"])
+def test_zero_intervals_are_named_up_front(field):
+    from mta_jax.train import state as state_lib
+
+    with pytest.raises(ValueError, match=f"config.{field} must be an integer >= 1"):
+        state_lib.settings_from_config(tiny_config(**{field: 0}))

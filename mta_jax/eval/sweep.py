@@ -141,13 +141,31 @@ def _newest_mtime(folder: pathlib.Path) -> float:
     return max((f.stat().st_mtime for f in folder.rglob("*") if f.is_file()), default=0.0)
 
 
+_COMPARED_APART = ("--methods", "--sets", "--ft_workdir")  # compared by their resolved values in run.json
+
+
+def _settings_args(argv: Sequence[str]) -> list[str]:
+    """``launch/eval.py`` arguments without the methods, sets and FT workdir (``--f=v`` or ``--f v``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _COMPARED_APART:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in _COMPARED_APART)):
+            out.append(a)
+    return out
+
+
 def evaluation_is_current(mta_dir: str | pathlib.Path, methods: Sequence[str], sets: Sequence[str] | None,
-                          ft_dir: str | pathlib.Path | None = None) -> bool:
+                          ft_dir: str | pathlib.Path | None = None, argv: Sequence[str] | None = None) -> bool:
     """Whether ``mta_dir/eval`` already holds this evaluation, so a resumed sweep can skip it.
 
     True only if ``results.json`` and ``run.json`` exist, ``run.json`` lists the same methods, the
-    same explicit ``sets`` (``None`` — the config's default sets — is never taken as current) and the
-    same FT workdir, and ``results.json`` is newer than every checkpoint file of both runs.
+    same explicit ``sets`` (``None`` — the config's default sets — is never taken as current), the
+    same FT workdir and, if ``argv`` is given, the same other ``launch/eval.py`` arguments (config
+    file, ``--config.*`` overrides, data dir), and ``results.json`` is newer than every checkpoint
+    file and ``config.json`` of both runs.
     """
     mta_dir = pathlib.Path(mta_dir)
     results, run = mta_dir / "eval" / "results.json", mta_dir / "eval" / "run.json"
@@ -157,5 +175,11 @@ def evaluation_is_current(mta_dir: str | pathlib.Path, methods: Sequence[str], s
     if (list(meta.get("methods", [])) != list(methods) or list(meta.get("sets", [])) != list(sets)
             or meta.get("ft_workdir") != (str(ft_dir) if ft_dir is not None else None)):
         return False
+    if argv is not None and (meta.get("argv") is None or _settings_args(meta["argv"]) != _settings_args(argv)):
+        return False
     written = results.stat().st_mtime
-    return all(written >= _newest_mtime(pathlib.Path(d) / "checkpoints") for d in (mta_dir, ft_dir) if d is not None)
+
+    def newest(d: pathlib.Path) -> float:
+        config = d / "config.json"
+        return max(_newest_mtime(d / "checkpoints"), config.stat().st_mtime if config.is_file() else 0.0)
+    return all(written >= newest(pathlib.Path(d)) for d in (mta_dir, ft_dir) if d is not None)

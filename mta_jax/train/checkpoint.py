@@ -57,16 +57,23 @@ class Checkpointer:
         every step and compared on restore.
     """
 
-    def __init__(self, directory: str | pathlib.Path, max_to_keep: int, identity: dict):
+    def __init__(self, directory: str | pathlib.Path, max_to_keep: int, identity: dict, *, create: bool = True):
         self.directory = pathlib.Path(directory).absolute()
+        if not create and not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory}: no checkpoints folder")
         self.identity = identity
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
             item_names=("state", "identity"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def saved_identity(self, step: int | None = None) -> dict:
+        """The identity stored with ``step`` (default latest), without reading the state."""
+        step = self.latest_step() if step is None else step
+        return dict(self.manager.restore(step, args=ocp.args.Composite(identity=ocp.args.JsonRestore()))["identity"])
 
     def save(self, step: int, state: PyTree, *, force: bool = False) -> None:
         state = jax.device_get(state)
@@ -77,29 +84,93 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
-        """Restores ``step`` (default latest) into the structure of ``target``; checks the base identity."""
+    def restore(self, target: PyTree, step: int | None = None, *, params_only: bool = False) -> tuple[PyTree, dict]:
+        """Restores ``step`` (default latest) into the structure of ``target``; checks the base identity
+        and that every leaf has the target's shape and dtype.
+
+        With ``params_only`` (``target`` a :class:`~mta_jax.train.state.TrainState`), only the
+        meta-parameters are read and returned, in the structure of ``target.meta.params``: the
+        rest of the saved state (step, optimiser state of possibly another optimiser, key) is ignored.
+        """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        abstract = jax.tree.map(np.asarray, _to_saveable(jax.device_get(target)))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), identity=ocp.args.JsonRestore()))
+        where = f"{self.directory}/{step}"
+        if params_only:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), identity=ocp.args.JsonRestore()))
+            target = target.meta.params
+            saved = restored["state"].get("meta", {}).get("params")
+            if saved is None:
+                raise ValueError(f"{where}: no meta-parameters in this checkpoint")
+        else:
+            abstract = jax.tree.map(np.asarray, _to_saveable(jax.device_get(target)))
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), identity=ocp.args.JsonRestore()))
+            saved = restored["state"]
         identity = dict(restored["identity"])
-        check_identity(identity, self.identity, where=f"{self.directory}/{step}")
-        return _from_saveable(target, restored["state"]), identity
+        check_identity(identity, self.identity, where=where)
+        _check_like(saved, jax.tree.map(np.asarray, _to_saveable(jax.device_get(target))), where)
+        return _from_saveable(target, saved), identity
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
+def _check_like(restored: PyTree, abstract: PyTree, where: str) -> None:
+    """Raises unless every restored leaf has the shape and dtype of the state it restores into
+    (orbax restores what was saved, whatever the target says: a LoRA of another rank or placement
+    would otherwise be taken as is)."""
+    got = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+    for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        have = got.get(path)
+        if have is None or np.shape(have) != np.shape(want) or np.asarray(have).dtype != np.asarray(want).dtype:
+            desc = "missing" if have is None else f"{np.shape(have)} {np.asarray(have).dtype}"
+            raise ValueError(f"{where}: checkpoint leaf {jax.tree_util.keystr(path)} is {desc}, but this "
+                             f"config's state has {np.shape(want)} {np.asarray(want).dtype} (another LoRA "
+                             f"rank / placement / algorithm?)")
+
+
 def check_identity(saved: dict, expected: dict, where: str) -> None:
-    """Raises if a checkpoint was trained on a different frozen base than the one loaded now."""
-    for key in ("base_name", "base_fingerprint"):
-        if key in saved and key in expected and saved[key] != expected[key]:
-            raise ValueError(f"{where}: checkpoint was trained with {key}={saved[key]!r}, "
-                             f"but the loaded base has {expected[key]!r}")
+    """Raises if a checkpoint was trained on a different frozen base than the one loaded now.
+
+    The base is compared by its content fingerprint; its name (a path, for local checkpoints)
+    may differ between machines or virtual environments and is only logged.
+    """
+    key = "base_fingerprint"
+    if key in saved and key in expected and saved[key] != expected[key]:
+        raise ValueError(f"{where}: checkpoint was trained on base {saved.get('base_name')!r} "
+                         f"(fingerprint {saved[key][:12]}...), but the loaded base {expected.get('base_name')!r} "
+                         f"has fingerprint {expected[key][:12]}...")
+    if saved.get("base_name") != expected.get("base_name"):
+        logging.info("%s: base %r loaded from %r (same content as at training time)", where,
+                     saved.get("base_name"), expected.get("base_name"))
+
+
+# Config fields a resumed run may change: when and how it logs, checkpoints, evaluates, shards and
+# rematerialises, and how long it runs. Anything else changes what the saved state means.
+RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "init_from",
+                    "prefetch", "mesh", "eval", "model.path", "model.remat", "meta.remat", "meta.task_chunk",
+                    "meta.inner_hvp")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The config fields (dotted) that differ between a checkpoint's run and this one, except
+    :data:`RESUMABLE_FIELDS`."""
+    a, b = _flat(saved), _flat(current)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
 def restore_or_init(ckpt: Checkpointer, fresh: PyTree, init_from: str | None) -> tuple[PyTree, str]:
@@ -109,14 +180,30 @@ def restore_or_init(ckpt: Checkpointer, fresh: PyTree, init_from: str | None) ->
       ``(state, origin)`` where origin says which branch was taken (logged by the caller).
     """
     if ckpt.latest_step() is not None:
+        identity = ckpt.saved_identity()
+        if "config" in identity and "config" in ckpt.identity:
+            changed = config_changes(identity["config"], ckpt.identity["config"])
+            if changed:
+                a, b = _flat(identity["config"]), _flat(ckpt.identity["config"])
+                diff = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed[:6])
+                raise ValueError(f"{ckpt.directory}: this workdir holds a run of another config ({diff}"
+                                 f"{', ...' if len(changed) > 6 else ''}); resuming would mix the two. Use a "
+                                 f"new workdir (or --config.init_from={ckpt.directory.parent} to start from "
+                                 f"its parameters)")
         state, _ = ckpt.restore(fresh)
         return state, f"resumed {ckpt.directory} step {ckpt.latest_step()}"
     if init_from:
-        other = Checkpointer(pathlib.Path(init_from) / "checkpoints", 1, ckpt.identity)
+        directory = pathlib.Path(init_from) / "checkpoints"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"init_from={init_from!r}: {directory} does not exist")
+        other = Checkpointer(directory, 1, ckpt.identity, create=False)
         try:
-            state, _ = other.restore(fresh)
+            # Only the other run's parameters: a new run starts its own step counter (schedule,
+            # episode stream) and optimiser state.
+            source, _ = other.restore(fresh, params_only=True)
         finally:
             other.close()
-        logging.info("Initialised from %s (step counter kept from that run)", init_from)
+        state = fresh._replace(meta=fresh.meta._replace(params=source))
+        logging.info("Initialised the parameters from %s (step 0, fresh optimiser state)", init_from)
         return state, f"init_from {init_from}"
     return fresh, "fresh"

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import pathlib
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -220,6 +221,7 @@ def _evaluate_and_write(scorers, groups, out, methods, sets, ft_workdir, name, t
     report.bar_chart(results, out / "results.png", list(methods))
     (out / "run.json").write_text(json.dumps({
         "methods": list(methods), "sets": list(sets), "ft_workdir": str(ft_workdir) if ft_workdir else None,
-        "base": name, "devices": str(jax.devices()), "seconds": round(time.perf_counter() - t0, 1)},
+        "base": name, "devices": str(jax.devices()), "seconds": round(time.perf_counter() - t0, 1),
+        "argv": sys.argv[1:]},  # the writing process's arguments: a sweep reuses only an identical evaluation
         indent=2), encoding="utf-8")
     return results

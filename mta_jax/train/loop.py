@@ -88,8 +88,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     main_process = jax.process_index() == 0
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     t0 = time.perf_counter()
 
     data_dir = records.resolve_data_dir(data_dir)
@@ -116,6 +114,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", s.keep_checkpoints, run_identity(name, host_base, config))
     state, origin = checkpoint.restore_or_init(ckpt, fresh, s.init_from or None)
     logging.info("state: %s", origin)
+    if main_process:  # only now: a refused resume leaves the workdir's config.json describing its run
+        text, path = config.to_json_best_effort(indent=2), workdir / "config.json"
+        if not path.is_file() or path.read_text() != text:  # unchanged: keep its time (sweep reuse)
+            path.write_text(text)
     state = sharding.put(state, rep)
 
     example = work.host_batch(0, s.tasks_per_step)
@@ -170,9 +172,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     finally:
         if progress is not None:
             progress.close()
-        stopper.restore()
-        ckpt.close()
+        try:
+            ckpt.close()  # waits for the last (asynchronous) save ...
+        finally:
+            stopper.restore()  # ... while a second SIGTERM is still only a flag
     return state
+
+
+def finished(state: state_lib.TrainState, config: ml_collections.ConfigDict) -> bool:
+    """Whether :func:`train` ran to ``config.steps`` (False after a SIGTERM stop)."""
+    return int(jax.device_get(state.step)) >= int(config.steps)
 
 
 def restore_trained(workdir: str | pathlib.Path, base: dict, base_name: str):
@@ -197,7 +206,8 @@ def restore_trained(workdir: str | pathlib.Path, base: dict, base_name: str):
     lora = lora_lib.init_lora(jax.random.key(0), base, s.lora)
     fresh = state_lib.TrainState(meta.init_state(lora, s.meta, make_outer_optimizer(s)), jax.random.key(0))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", s.keep_checkpoints,
-                                   {"base_name": base_name, "base_fingerprint": checkpoint.base_fingerprint(base)})
+                                   {"base_name": base_name, "base_fingerprint": checkpoint.base_fingerprint(base)},
+                                   create=False)
     try:
         state, _ = ckpt.restore(fresh)
     finally:

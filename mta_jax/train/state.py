@@ -88,6 +88,9 @@ def meta_config(m: ml_collections.ConfigDict) -> meta.MetaConfig:
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     """Converts the experiment config once; every field must be present in the config file."""
     c = config
+    for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "tasks_per_step"):
+        if not isinstance(c[field], int) or isinstance(c[field], bool) or c[field] < 1:
+            raise ValueError(f"config.{field} must be an integer >= 1, got {c[field]!r}")
     settings = Settings(
         seed=c.seed, steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every,
         keep_checkpoints=c.keep_checkpoints, val=validation.val_settings(c.eval_every, c.eval), init_from=c.init_from,
