@@ -320,3 +320,29 @@ def test_zero_intervals_are_named_up_front(field):
 
     with pytest.raises(ValueError, match=f"config.{field} must be an integer >= 1"):
         state_lib.settings_from_config(tiny_config(**{field: 0}))
+
+
+def test_a_resume_after_a_hard_kill_keeps_one_row_per_step(uninterrupted, tmp_path, data_dir):
+    """Killed after logging step 4 but before its checkpoint, mid-way through writing another row:
+    the resumed run recomputes step 4, and metrics.jsonl ends with one row per step."""
+    wd_full, _ = uninterrupted
+    wd = tmp_path / "killed"
+    shutil.copytree(wd_full, wd)
+    shutil.rmtree(wd / "checkpoints" / "4")
+    with (wd / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "outer/lo')                       # a row cut off by the kill
+    loop.train(tiny_config(), wd, str(data_dir))
+    rows = metrics_lib.read_metrics(wd)
+    assert [r["step"] for r in rows] == [2, 4]
+    assert rows[1]["outer/loss"] == pytest.approx(losses(wd_full)[4], rel=1e-6)
+
+
+def test_metric_writer_resume_names_a_corrupt_line_and_leaves_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+        metrics_lib.MetricWriter(tmp_path).resume_at(2)
+    assert path.read_text() == '{"step": 2}\nnot json\n{"step": 4}\n'
+    path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n')
+    assert metrics_lib.MetricWriter(tmp_path).resume_at(4) == 1
+    assert [r["step"] for r in metrics_lib.read_metrics(tmp_path)] == [2, 4]

@@ -128,6 +128,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
     start = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(workdir) if main_process else None
+    if writer is not None and (dropped := writer.resume_at(start)):
+        logging.info("metrics.jsonl: dropped %d row(s) written after the step-%d checkpoint", dropped, start)
     progress = metrics_lib.Progress(s.steps, start) if main_process else None
     stopper = _Stop()
     batches = batching.prefetch(

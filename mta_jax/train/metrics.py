@@ -24,13 +24,41 @@ def _scalar(v):
 class MetricWriter:
     """Appends JSON lines to ``<workdir>/metrics.jsonl``; wall-clock fields end in ``_sec``.
 
-    Appending (not truncating) keeps the history of a resumed run in one file; the ``step`` field
-    says which rows a resume repeated.
+    A resumed run first calls :meth:`resume_at` with the step it restored, so the file keeps one
+    row per logged step: the rows written after that checkpoint by the interrupted run (which the
+    resumed run recomputes) are dropped.
     """
 
     def __init__(self, workdir: str | pathlib.Path):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def resume_at(self, step: int) -> int:
+        """Drops the rows after ``step`` and a last line cut off by a kill mid-write; returns how
+        many lines were dropped.
+
+        Raises:
+          ValueError: a line other than the last is not valid JSON (named; the file is left as is).
+        """
+        if not self.path.is_file():
+            return 0
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        kept = []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) and not text.endswith("\n"):
+                    continue  # the partial row of a killed write
+                raise ValueError(f"{self.path}:{i}: not valid JSON ({e})") from e
+            if int(row.get("step", 0)) <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.path.with_suffix(".jsonl.part")
+            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            tmp.replace(self.path)
+        return len(lines) - len(kept)
 
     def write(self, step: int, metrics: Mapping[str, object]) -> dict:
         row = {"step": int(step), **{k: _scalar(v) for k, v in sorted(metrics.items())}}
