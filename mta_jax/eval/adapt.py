@@ -32,6 +32,7 @@ folds and support sets come from the first seed file and serve all of them.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import zlib
@@ -72,9 +73,7 @@ def _split(order: np.ndarray, groups: np.ndarray, fold_of_group: dict[int, int])
     ``order[:n // 2], order[n // 2:]``; each fold keeps ``order``'s order.
     """
     half, out = len(order) // 2, ([], [])
-    members: dict[int, int] = {}
-    for i in order:
-        members[int(groups[i])] = members.get(int(groups[i]), 0) + 1
+    members = collections.Counter(int(groups[i]) for i in order)
     size = [0, 0]
     for g, m in members.items():
         if g in fold_of_group:
@@ -264,10 +263,10 @@ class AdaptScorer:
             if not scored:
                 continue
             if not support:
-                tools = {it.gold[0] for it in first.items}
-                single = sum(1 for t in tools if sum(it.gold[0] == t for it in first.items) == 1)
+                per_tool = collections.Counter(it.gold[0] for it in first.items)
+                single = sum(1 for n in per_tool.values() if n == 1)
                 raise ValueError(f"{first.name}: fold {1 - k} has no items to adapt on; {single} of its "
-                                 f"{len(tools)} gold tools have a single item, and k-shot adaptation needs "
+                                 f"{len(per_tool)} gold tools have a single item, and k-shot adaptation needs "
                                  f"other items of the same tools (sets with per-example tools, like "
                                  f"BFCL's, cannot be evaluated with {self.support!r} adaptation)")
             self.support_sizes.append((first.name, k, len(support), len({it.gold[0] for it in support})))

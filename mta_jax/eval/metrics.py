@@ -10,7 +10,7 @@ Conventions:
   spans. So a constant scorer gets exactly the chance rate whatever the candidate order — the
   shipped candidate lists often put the gold tool first (Seal-Tools, API-Bank, BFCL), where a
   "first candidate wins ties" rule would reward tied or collapsed scores. Deterministic.
-  (:func:`choose`, the single pick shown to a user, takes the first of the tied.)
+  (:func:`choose`, a single deterministic pick, takes the first of the tied.)
 * A score vector of all :data:`ABSTAIN` (``-inf``) is an abstention — e.g. a generated answer that
   names no candidate — and counts as wrong for every metric, even where every candidate is gold.
 * Seeds of a protocol set are aggregated as mean and **sample** standard deviation
@@ -51,11 +51,6 @@ def choose(scores: np.ndarray) -> int:
     return int(np.argmax(scores))
 
 
-def ranking(scores: np.ndarray) -> np.ndarray:
-    """Candidate indices by descending score; ties keep candidate order (stable sort)."""
-    return np.argsort(-np.asarray(scores), kind="stable")
-
-
 def tie_ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per candidate, the ranks ``[lo, hi)`` (0 = best) that its exactly-tied group occupies.
 
@@ -72,23 +67,23 @@ def tie_ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, lo + counts[group]
 
 
-def _abstains(scores: np.ndarray) -> bool:
-    return bool(np.all(np.asarray(scores) == ABSTAIN))
+def _expected_gain(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str], k: int,
+                   weight: Callable[[np.ndarray], np.ndarray]) -> tuple[float, int]:
+    """``(sum over gold candidates of E[weight(rank)] for rank < k, |gold|)`` under a random order of ties.
 
-
-def _is_gold(candidates: Sequence[str], gold: Sequence[str]) -> tuple[np.ndarray, int]:
+    Each gold candidate's expectation is the mean of ``weight(r)`` over its tie ranks ``r`` (0 for
+    ``r >= k``); an abstention (every score :data:`ABSTAIN`) gains nothing.
+    """
+    lo, hi = tie_ranks(scores)
     gold_set = set(gold)
-    return np.array([c in gold_set for c in candidates], bool), len(gold_set)
-
-
-def _expected_weight(lo: np.ndarray, hi: np.ndarray, k: int,
-                     weight: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Per candidate, the mean over its tie ranks ``r`` in ``[lo, hi)`` of ``weight(r)`` if ``r < k``, else 0."""
-    out = np.zeros(lo.shape, np.float64)
-    for i, (a, b) in enumerate(zip(lo, hi)):
+    if np.all(np.asarray(scores) == ABSTAIN):
+        return 0.0, len(gold_set)
+    is_gold = np.fromiter((c in gold_set for c in candidates), bool, len(candidates))
+    gain = 0.0
+    for a, b in zip(lo[is_gold], hi[is_gold]):
         if a < k:
-            out[i] = weight(np.arange(a, min(b, k))).sum() / (b - a)
-    return out
+            gain += float(weight(np.arange(a, min(b, k))).sum()) / (b - a)
+    return gain, len(gold_set)
 
 
 def top1_credit(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]) -> float:
@@ -96,24 +91,16 @@ def top1_credit(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[st
 
     1 or 0 when the maximum is unique; multi-gold items count any gold tool as correct.
     """
-    lo, _ = tie_ranks(scores)
-    is_gold, _ = _is_gold(candidates, gold)
-    if _abstains(scores):
-        return 0.0
-    best = lo == 0
-    return float(is_gold[best].sum() / best.sum())
+    return _expected_gain(scores, candidates, gold, 1, np.ones_like)[0]
 
 
 def recall_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str],
                 k: int = RECALL_K) -> float:
     """Fraction of the gold tools found among the ``k`` highest-scored candidates (ties: expected)."""
-    is_gold, n_gold = _is_gold(candidates, gold)
+    hits, n_gold = _expected_gain(scores, candidates, gold, k, np.ones_like)
     if not n_gold:
         raise ValueError("recall is undefined for an item without gold tools")
-    lo, hi = tie_ranks(scores)
-    if _abstains(scores):
-        return 0.0
-    return float(_expected_weight(lo[is_gold], hi[is_gold], k, np.ones_like).sum() / n_gold)
+    return hits / n_gold
 
 
 def ndcg_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str],
@@ -123,15 +110,10 @@ def ndcg_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]
     The ideal ranking puts ``min(|gold|, k)`` relevant tools first (Järvelin & Kekäläinen, 2002);
     a tied tool gets the expected discount of a random order of its tie.
     """
-    is_gold, n_gold = _is_gold(candidates, gold)
+    dcg, n_gold = _expected_gain(scores, candidates, gold, k, lambda r: 1.0 / np.log2(r + 2.0))
     if not n_gold:
         raise ValueError("nDCG is undefined for an item without gold tools")
-    lo, hi = tie_ranks(scores)
-    if _abstains(scores):
-        return 0.0
-    dcg = _expected_weight(lo[is_gold], hi[is_gold], k, lambda r: 1.0 / np.log2(r + 2.0)).sum()
-    ideal = sum(1.0 / math.log2(r + 2) for r in range(min(n_gold, k)))
-    return float(dcg / ideal)
+    return dcg / sum(1.0 / math.log2(r + 2) for r in range(min(n_gold, k)))
 
 
 def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, float]:

@@ -97,20 +97,19 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
         where = f"{self.directory}/{step}"
         if params_only:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), identity=ocp.args.JsonRestore()))
             target = target.meta.params
-            saved = restored["state"].get("meta", {}).get("params")
+        abstract = jax.tree.map(np.asarray, _to_saveable(jax.device_get(target)))
+        # params_only reads the saved state as it is (its optimiser state may be another optimiser's)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(None if params_only else abstract), identity=ocp.args.JsonRestore()))
+        saved = restored["state"]
+        if params_only:
+            saved = saved.get("meta", {}).get("params")
             if saved is None:
                 raise ValueError(f"{where}: no meta-parameters in this checkpoint")
-        else:
-            abstract = jax.tree.map(np.asarray, _to_saveable(jax.device_get(target)))
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), identity=ocp.args.JsonRestore()))
-            saved = restored["state"]
         identity = dict(restored["identity"])
         check_identity(identity, self.identity, where=where)
-        _check_like(saved, jax.tree.map(np.asarray, _to_saveable(jax.device_get(target))), where)
+        _check_like(saved, abstract, where)
         return _from_saveable(target, saved), identity
 
     def close(self) -> None:
@@ -165,12 +164,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """The config fields (dotted) that differ between a checkpoint's run and this one, except
-    :data:`RESUMABLE_FIELDS`."""
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted field: (saved value, current value)}`` for the config fields that differ between a
+    checkpoint's run and this one, except :data:`RESUMABLE_FIELDS` (``"<absent>"`` for a missing one)."""
     a, b = _flat(saved), _flat(current)
     free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)  # noqa: E731
-    return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
+    pairs = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if not free(k)}
+    return {k: v for k, v in pairs.items() if v[0] != v[1]}
 
 
 def restore_or_init(ckpt: Checkpointer, fresh: PyTree, init_from: str | None) -> tuple[PyTree, str]:
@@ -184,8 +184,7 @@ def restore_or_init(ckpt: Checkpointer, fresh: PyTree, init_from: str | None) ->
         if "config" in identity and "config" in ckpt.identity:
             changed = config_changes(identity["config"], ckpt.identity["config"])
             if changed:
-                a, b = _flat(identity["config"]), _flat(ckpt.identity["config"])
-                diff = ", ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed[:6])
+                diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:6])
                 raise ValueError(f"{ckpt.directory}: this workdir holds a run of another config ({diff}"
                                  f"{', ...' if len(changed) > 6 else ''}); resuming would mix the two. Use a "
                                  f"new workdir (or --config.init_from={ckpt.directory.parent} to start from "
