@@ -43,6 +43,30 @@ def test_paired_difference_wins_and_std():
     assert p["a/x"]["std"] == pytest.approx(statistics.stdev(d))
     assert (p["a/x"]["wins"], p["a/x"]["seeds"]) == (2, 3)
     assert p["b/y"]["wins"] == 1            # -0.01, +0.01, 0.00: a tie is not a win
+    assert (p["a/x"]["losses"], p["b/y"]["losses"]) == (1, 1)
+    # t = mean / (s / sqrt(3)) with mean 0.04/3 and s = sqrt(((0.02-m)^2 + (0.03-m)^2 + (-0.01-m)^2) / 2)
+    m = 0.04 / 3
+    s = ((0.02 - m) ** 2 + (0.03 - m) ** 2 + (-0.01 - m) ** 2) ** 0.5 / 2 ** 0.5
+    assert p["a/x"]["t"] == pytest.approx(m / (s / 3 ** 0.5))
+    assert p["a/x"]["sign_p"] == pytest.approx(0.5)    # P(W >= 2), W ~ Bin(3, 1/2) = (3 + 1) / 8
+    assert p["b/y"]["sign_p"] == pytest.approx(0.75)   # the tie dropped: P(W >= 1), W ~ Bin(2, 1/2)
+
+
+def test_sign_test_is_the_binomial_tail():
+    assert sweep.sign_test(8, 0) == 1 / 256
+    assert sweep.sign_test(6, 2) == (28 + 8 + 1) / 256
+    assert sweep.sign_test(0, 4) == 1.0
+    assert sweep.sign_test(0, 0) is None
+    # Symmetry: P(W >= k) + P(W >= n - k + 1) = 1 for W ~ Bin(n, 1/2).
+    for n in range(1, 12):
+        for k in range(n + 1):
+            assert sweep.sign_test(k, n - k) + (sweep.sign_test(n - k + 1, k - 1) if k else 0.0) == \
+                pytest.approx(1.0)
+    same = {k: _results({"a/x": {"ft": 0.5, "mta": 0.5}}) for k in range(3)}
+    p = sweep.paired(same, "mta", "ft")["a/x"]
+    assert (p["wins"], p["losses"], p["t"], p["sign_p"]) == (0, 0, None, None)
+    assert "| a/x | 100 | 50.0 ± 0.0 | 50.0 ± 0.0 | +0.0 ± 0.0 (0/3) |" in \
+        sweep.markdown(sweep.aggregate(same), {"mta − ft": {"a/x": p}})
 
 
 def test_single_seed_has_no_std():
@@ -57,7 +81,7 @@ def test_method_order_and_missing_pairs_in_markdown():
     assert list(table["a/x"]) == ["mta", "ft"] and list(table["c/z"]) == ["ft"]
     md = sweep.markdown(table, {"mta − ft": sweep.paired(per_seed, "mta", "ft")})
     assert md.splitlines()[0] == "| eval set | n | mta | ft | mta − ft |"
-    assert "| a/x | 100 | 81.0 ± 1.0 | 79.7 ± 1.5 | +1.3 ± 2.1 (2/3) |" in md
+    assert "| a/x | 100 | 81.0 ± 1.0 | 79.7 ± 1.5 | +1.3 ± 2.1 (2/3, p 0.500) |" in md
     assert "| c/z | 100 | – | 79.7 ± 1.5 | – |" in md
 
 

@@ -69,11 +69,27 @@ def aggregate(per_seed: Mapping[int, dict], methods: Sequence[str] | None = None
     return out
 
 
-def paired(per_seed: Mapping[int, dict], a: str, b: str) -> dict:
-    """``{set: {"mean", "std", "wins", "seeds"}}`` of the per-seed difference ``a − b``.
+def sign_test(wins: int, losses: int) -> float | None:
+    """One-sided exact sign test: ``P(W >= wins)`` for ``W ~ Binomial(wins + losses, 1/2)``.
 
-    ``wins`` counts the seeds where ``a`` is strictly better. Sets where the first seed lacks ``a``
-    or ``b`` are left out; raises KeyError when another seed lacks one the first seed has.
+    The chance that a method no better than the other wins at least ``wins`` of the seeds that are
+    not ties (ties are dropped, as the sign test defines); ``None`` when every seed is a tie.
+    """
+    n = wins + losses
+    if n == 0:
+        return None
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+
+
+def paired(per_seed: Mapping[int, dict], a: str, b: str) -> dict:
+    """``{set: {"mean", "std", "wins", "losses", "seeds", "t", "sign_p"}}`` of the per-seed
+    difference ``a − b``.
+
+    ``wins`` / ``losses`` count the seeds where ``a`` is strictly better / worse; ``t`` is the paired
+    t statistic ``mean / (std / sqrt(seeds))`` (None below two seeds or for a zero std) and
+    ``sign_p`` the one-sided sign test of ``a`` beating ``b`` (:func:`sign_test`). Sets where the
+    first seed lacks ``a`` or ``b`` are left out; raises KeyError when another seed lacks one the
+    first seed has.
     """
     seeds = sorted(per_seed)
     out = {}
@@ -83,7 +99,10 @@ def paired(per_seed: Mapping[int, dict], a: str, b: str) -> dict:
         _check_methods(per_seed, s, (a, b))
         diffs = [per_seed[seed][s][a]["accuracy"] - per_seed[seed][s][b]["accuracy"] for seed in seeds]
         mean, std = _mean_std(diffs)
-        out[s] = {"mean": mean, "std": std, "wins": sum(d > 0 for d in diffs), "seeds": len(seeds)}
+        wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        t = mean / (std / math.sqrt(len(diffs))) if std else None
+        out[s] = {"mean": mean, "std": std, "wins": wins, "losses": losses, "seeds": len(seeds),
+                  "t": t, "sign_p": sign_test(wins, losses)}
     return out
 
 
@@ -99,9 +118,18 @@ def _pct(mean: float, std: float | None, signed: bool = False) -> str:
     return cell if std is None else f"{cell} ± {100 * std:.1f}"
 
 
+def _pair_cell(p: Mapping) -> str:
+    cell = f"{_pct(p['mean'], p['std'], signed=True)} ({p['wins']}/{p['seeds']}"
+    # Below three seeds the smallest possible p is 0.25: not worth a column's width.
+    if p["seeds"] >= 3 and p.get("sign_p") is not None:
+        cell += f", p {p['sign_p']:.3f}"
+    return cell + ")"
+
+
 def markdown(table: dict, pairs: Mapping[str, dict] | None = None) -> str:
     """Markdown: rows = eval sets; a column per method (mean ± std over training seeds, %), then one
-    per pair (``"a − b"``: paired mean ± std, and wins/seeds)."""
+    per pair (``"a − b"``: paired mean ± std, wins/seeds and, from three seeds, the one-sided sign
+    test's p)."""
     methods: dict[str, None] = {}
     for row in table.values():
         methods.update(dict.fromkeys(row))
@@ -111,8 +139,7 @@ def markdown(table: dict, pairs: Mapping[str, dict] | None = None) -> str:
     for s, row in table.items():
         n = next(iter(row.values()))["n"]
         cells = [_pct(row[m]["mean"], row[m]["std"]) if m in row else "–" for m in methods]
-        cells += [f"{_pct(p[s]['mean'], p[s]['std'], signed=True)} ({p[s]['wins']}/{p[s]['seeds']})"
-                  if s in p else "–" for p in pairs.values()]
+        cells += [_pair_cell(p[s]) if s in p else "–" for p in pairs.values()]
         lines.append(f"| {s} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
