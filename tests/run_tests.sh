@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MTA_DATA_DIR="${MTA_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Everything optional is installed below, so a skipped test means a check stopped running: fail.
+export MTA_FAIL_ON_SKIP="${MTA_FAIL_ON_SKIP:-1}"
 # torch first, pinned to the CPU wheel: peft / sentence-transformers would otherwise pull CUDA.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,hf]"

@@ -35,10 +35,8 @@ def test_raw_matches_normalized(parsed):
         assert [_rec_tuple(r) for r in recs] == [_rec_tuple(r) for r in nsplits[split]]
 
 
-def test_metatool_duplicate_merge(parsed):
-    name, (cat, splits), _ = parsed
-    if name != "metatool":
-        pytest.skip("metatool only")
+def test_metatool_duplicate_merge(data_dir):
+    _, splits = raw.parse_raw(data_dir, "metatool")
     merged = [r for r in splits["single_tool"] if r.meta["source_rows"] > 1]
     conflicting = [r for r in merged if r.meta["conflicting_labels"]]
     assert len(conflicting) == 11  # the data README: 11 duplicated queries with conflicting labels

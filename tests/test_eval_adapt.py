@@ -42,9 +42,23 @@ def toy_group():
     return tuple(EvalSet("toy/test", "toy", cat, tuple(items), seed=s) for s in (0, 1))
 
 
+def _record_adaptations(scorer, monkeypatch) -> list[tuple[set, set]]:
+    """Records, per adapted LoRA, (ids of its support items, ids of the items it scores)."""
+    calls = []
+    original = scorer._adapt_and_score
+
+    def recording(first, support, sets):
+        calls.append(({it.id for it in support}, {it.id for it in sets[0].items}))
+        return original(first, support, sets)
+
+    monkeypatch.setattr(scorer, "_adapt_and_score", recording)
+    return calls
+
+
 def test_support_never_contains_the_scored_item(setup, monkeypatch):
     s, meta_params, bank = setup
     scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=2)
+    adaptations = _record_adaptations(scorer, monkeypatch)
     supports = []
     original = scorer._support
 
@@ -64,6 +78,11 @@ def test_support_never_contains_the_scored_item(setup, monkeypatch):
         tools = [i[0] for i in sup]
         assert all(tools.count(t) <= 2 for t in set(tools)) and {"a", "b"} <= set(tools)
     assert [(k, n) for _, k, n, _ in scorer.support_sizes] == [(0, len(supports[0])), (1, len(supports[1]))]
+    # The LoRA that scores an item was adapted on other items only, and every item is scored once.
+    assert len(adaptations) == 2
+    for support_ids, scored_ids in adaptations:
+        assert support_ids and scored_ids and support_ids.isdisjoint(scored_ids)
+    assert sorted(i for _, scored in adaptations for i in scored) == sorted(it.id for it in group[0].items)
 
 
 def test_gold_labels_of_scored_items_cannot_choose_their_model(setup):
@@ -203,6 +222,7 @@ def test_unlabelled_adaptation_never_reads_a_gold_label(setup, monkeypatch):
     s, meta_params, bank = setup
     group = toy_group()
     scorer = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, support="unlabelled")
+    adaptations = _record_adaptations(scorer, monkeypatch)
     supports = []
     original = scorer._support
 
@@ -215,6 +235,10 @@ def test_unlabelled_adaptation_never_reads_a_gold_label(setup, monkeypatch):
     scores = scorer(group)
     assert len(supports) == 2 and all((lab == -1).all() and len(ids) == 4 for ids, lab in supports)
     assert set(supports[0][0]).isdisjoint(supports[1][0])
+    assert len(adaptations) == 2
+    for support_ids, scored_ids in adaptations:
+        assert support_ids and scored_ids and support_ids.isdisjoint(scored_ids)
+    assert sorted(i for _, scored in adaptations for i in scored) == sorted(it.id for it in group[0].items)
     for relabel_seed in (1, 2):
         again = adapt_lib.adapt_scorer(bank, s, meta_params, shots=1, max_support=4, support="unlabelled")(
             _relabelled(group, relabel_seed))

@@ -43,7 +43,7 @@ def test_lora_changes_embeddings_and_caches_are_per_text(tiny):
     assert len(bank._rows) == len(TEXTS)               # bottom computed once for both methods
     again = plain(list(reversed(TEXTS)))               # order and subsets come from the cache
     np.testing.assert_array_equal(again, a[::-1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="embed_fn: no texts"):
         plain([])
 
 

@@ -39,8 +39,7 @@ def test_remat_memory_does_not_grow_with_inner_steps():
 
 def test_sharded_tasks_match_unsharded():
     devices = np.array(jax.devices()[:4])
-    if devices.size < 4:
-        pytest.skip("needs 4 devices (tests/conftest.py sets 8 fake CPU devices)")
+    assert devices.size == 4, "needs 4 devices (tests/conftest.py sets 8 fake CPU devices)"
     mesh = Mesh(devices, ("data",))
     base, lora = _model(jax.random.PRNGKey(0))
     algo = meta.MetaConfig(name="maml", inner=meta.InnerConfig(steps=2, lr=0.5))

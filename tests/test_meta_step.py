@@ -98,9 +98,17 @@ def test_adapt_for_eval_and_initial_params():
     init = meta.initial_params(state.params, algo)
     assert jax.tree.structure(init) == jax.tree.structure(lora)
     ev = jax.jit(lambda mp, b, x: meta.adapt_for_eval(mp, b, x, algo, base_loss, has_aux=True))
-    got = ev(state.params, base, s)
-    want = meta.adapt(lora, lambda p, b: base_loss(p, base, b)[0], s, algo.inner)
+    fn = lambda p, b: base_loss(p, base, b)[0]
+    # Learned rates that differ per leaf and from inner.lr: evaluation must adapt with them.
+    rates = jax.tree.map(lambda r, i: r * (1.0 + 0.3 * i), state.params["lr"],
+                         jax.tree.unflatten(jax.tree.structure(state.params["lr"]),
+                                            range(len(jax.tree.leaves(state.params["lr"])))))
+    params = {**state.params, "lr": rates}
+    got = ev(params, base, s)
+    want = meta.adapt(lora, fn, s, algo.inner, lrs=rates)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    uniform = meta.adapt(lora, fn, s, algo.inner)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(uniform))) > 1e-4
 
 
 def test_bad_configs_raise_clear_errors():
