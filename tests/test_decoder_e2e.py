@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
+from safetensors.numpy import load_file
 
 from mta_jax.data import render
 from mta_jax.data.records import Catalogue, Tool
-from mta_jax.eval import decoder_methods, metrics, report
+from mta_jax.eval import decoder_methods, report, sets
 from mta_jax.eval.sets import EvalItem, EvalSet
 from mta_jax.meta import losses
 from mta_jax.model import decoder, generate
@@ -34,8 +35,12 @@ def tiny_decoder_config(**overrides):
 @pytest.fixture(scope="module")
 def backbone():
     bb = workloads.load_decoder_backbone(workloads.RANDOM_TINY_DECODER, "float32", False)
-    # O(1) logits: at init scale every next-token distribution is nearly flat and argmaxes are ties.
-    base = {**bb.base, "embed": bb.base["embed"] * 50.0}
+    # At init scale every next-token distribution is nearly flat and argmaxes are ties. Every weight
+    # x4 gives O(1) logits (std ~1.8) that depend on the context (attention matters), so a wrong
+    # prompt, order, position or padding changes the scores (checked below); at x2.5 greedy
+    # continuations repeat one token. Scaling only the embeddings (x50) made the model ignore its
+    # context: another query moved constrained scores of ~-130 by 0.01.
+    base = jax.tree.map(lambda x: x * 4.0, bb.base)
     return bb.name, bb.cfg, base, bb.tok, bb.eos_id
 
 
@@ -76,21 +81,40 @@ def test_truncation_cuts_the_prompt_front_never_the_target(backbone):
 def test_target_loss_matches_numpy_from_forward_logits(backbone):
     _, cfg, base, tok, eos = backbone
     tools = _tools()
-    pairs = [render.decoder_prompt(q, tools[:3], tools[g]) for q, g in (("rain in Oslo?", 0), ("2+2", 1))]
-    enc = prompts.PromptEncoder(tok, 80, 10, eos).pairs([p for p, _ in pairs], [t for _, t in pairs])
-    batch = {"ids": enc.ids, "mask": enc.mask, "target_mask": enc.target_mask}
+    pairs = [render.decoder_prompt(q, tools, tools[g]) for q, g in (
+        ("rain in Oslo?", 0), ("2+2", 1), ("say hello in French", 2), ("price of AAPL", 3))]
+    enc = prompts.PromptEncoder(tok, 96, 10, eos).pairs([p for p, _ in pairs], [t for _, t in pairs])
+    assert not enc.truncated.any()
+    ids = enc.ids.copy()
+    # Row 2's target is the model's own greedy continuation (all right); row 3's too, except its last
+    # token, the runner-up (all but one right). Set position by position: each token changes the next.
+    fwd = jax.jit(decoder.forward, static_argnums=0)
+    spans = {b: np.flatnonzero(enc.target_mask[b]) for b in (2, 3)}
+    assert min(map(len, spans.values())) >= 3
+    for k in range(max(map(len, spans.values()))):
+        logits = np.asarray(fwd(cfg, base, ids, enc.mask))
+        for b, pos in spans.items():
+            if k < len(pos):
+                ranked = np.argsort(logits[b, pos[k] - 1])
+                ids[b, pos[k]] = ranked[-2] if (b == 3 and k == len(pos) - 1) else ranked[-1]
+    batch = {"ids": ids, "mask": enc.mask, "target_mask": enc.target_mask}
     loss, aux = losses.DecoderTargetLoss(cfg, max_target=10)(None, base, batch)
-    logits = np.asarray(decoder.forward(cfg, base, enc.ids, enc.mask), np.float64)
+    logits = np.asarray(decoder.forward(cfg, base, ids, enc.mask), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
-    nll, count, all_right = 0.0, 0, []
-    for b in range(2):
+    nll, count, all_right, n_right = 0.0, 0, [], []
+    for b in range(len(pairs)):
         pos = np.flatnonzero(enc.target_mask[b])
-        nll -= sum(logp[b, t - 1, enc.ids[b, t]] for t in pos)
+        nll -= sum(logp[b, t - 1, ids[b, t]] for t in pos)
         count += len(pos)
-        all_right.append(all(logits[b, t - 1].argmax() == enc.ids[b, t] for t in pos))
+        right = [logits[b, t - 1].argmax() == ids[b, t] for t in pos]
+        all_right.append(all(right))
+        n_right.append(sum(right))
     np.testing.assert_allclose(float(loss), nll / count, rtol=1e-5)
-    assert float(aux["acc"]) == np.mean(all_right)
+    # The construction worked (rows 0-1 are names the untrained model does not produce), so acc is
+    # strictly between 0 and 1, and counting any-token or first-token hits would give more.
+    assert all_right == [False, False, True, False] and n_right[3] == len(spans[3]) - 1
+    assert float(aux["acc"]) == np.mean(all_right) == 0.25
 
 
 def _eval_set(items, dataset="mini"):
@@ -105,7 +129,10 @@ def test_constrained_scoring_picks_the_max_sequence_logprob(backbone):
                                                 batch_size=4)([_eval_set([item])])[0][0]
     norm = decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=256, batch_size=4,
                                               normalize=True)([_eval_set([item])])[0][0]
-    prompt, _ = render.decoder_prompt(item.query, [tools[0], tools[3], tools[2]])
+    # The prompt lists the candidates in the scorer's seeded order (here not the shipped one).
+    shown = np.array(item.candidates)[decoder_methods.display_order(item.id, len(item.candidates))]
+    assert shown.tolist() != list(item.candidates)
+    prompt, _ = render.decoder_prompt(item.query, [tools[int(t[1:])] for t in shown])
     ref, lengths = [], []
     for c in (0, 3, 2):  # built by hand, scored by the model's full-logit reference
         p = tok.tokenize([prompt])[0]
@@ -117,14 +144,12 @@ def test_constrained_scoring_picks_the_max_sequence_logprob(backbone):
     np.testing.assert_allclose(scores, ref, rtol=1e-5)
     np.testing.assert_allclose(norm, np.array(ref) / lengths, rtol=1e-5)
     assert len(set(np.round(ref, 4))) == 3 and int(np.argmax(scores)) == int(np.argmax(ref))
-
-
-def test_pool_items_are_an_error_for_the_decoder(backbone):
-    _, cfg, base, tok, eos = backbone
-    item = EvalItem("a", "price of AAPL", ("t3",), None)
-    with pytest.raises(ValueError, match="mini/test.*candidates=None"):
-        decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=256, batch_size=4)(
-            [_eval_set([item])])
+    # The model reads its context: another query (same id, so the same listing order) moves the
+    # scores by 3.95 (the embedding-only x50 scaling: by 0.01).
+    other = EvalItem("a", "will it rain in Oslo tomorrow", ("t0",), item.candidates)
+    moved = decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=256,
+                                               batch_size=4)([_eval_set([other])])[0][0]
+    assert np.abs(moved - scores).max() > 1.0
 
 
 def test_greedy_equals_argmax_unrolled_forward(backbone):
@@ -133,6 +158,9 @@ def test_greedy_equals_argmax_unrolled_forward(backbone):
     lengths, width, n = (7, 4, 9), 9, 5
     rows = [rng.integers(1000, 2000, k).tolist() for k in lengths]
     ref = []
+    # The model reads its context: the first greedy token differs from the one after the last token alone.
+    one = jnp.ones((1, 1), jnp.int32)
+    alone = [int(jnp.argmax(decoder.forward(cfg, base, jnp.array([r[-1:]]), one)[0, -1])) for r in rows]
     for r in rows:
         seq = list(r)
         for _ in range(n):
@@ -145,6 +173,8 @@ def test_greedy_equals_argmax_unrolled_forward(backbone):
         ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
     tokens, valid = generate.greedy(cfg, base, ids, mask, n, None)
     assert np.asarray(tokens).tolist() == ref and np.asarray(valid).all()
+    assert all(ref[i][0] != alone[i] for i in range(3))
+    assert all(len(set(x)) > 2 for x in ref)  # not one repeated token
     # Row 1 stops after its 2nd token; the others run on, unaffected.
     eos = ref[1][1]
     tokens, valid = generate.greedy(cfg, base, ids, mask, n, eos)
@@ -186,15 +216,11 @@ def test_prompts_list_candidates_in_a_seeded_order_not_the_shipped_one():
     assert 2 <= sum(shown_first) <= 20  # about 1 in 5, never the shipped "always first"
 
 
-def test_a_generated_answer_naming_no_candidate_abstains_and_counts_wrong():
+def test_a_generated_answer_naming_no_candidate_abstains():
+    """An abstention counts wrong in every metric: tests/test_eval_metrics.py."""
     np.testing.assert_array_equal(decoder_methods.answer_scores("b", ["a", "b", "c"]), [0, 1, 0])
     miss = decoder_methods.answer_scores("z", ["a", "b"])
     assert np.isneginf(miss).all()
-    # every candidate gold (API-Bank's one-candidate items): a miss must still be wrong
-    cat = Catalogue([Tool("a", "a", "tool a")])
-    one = EvalSet("toy/one", "toy", cat, (EvalItem("q0", "x", ("a",), ("a",)),))
-    assert metrics.set_metrics(one, [decoder_methods.answer_scores("z", ["a"])])["accuracy"] == 0.0
-    assert metrics.set_metrics(one, [decoder_methods.answer_scores("a", ["a"])])["accuracy"] == 1.0
 
 
 def test_train_and_eval_end_to_end(tmp_path, data_dir):
@@ -214,14 +240,24 @@ def test_train_and_eval_end_to_end(tmp_path, data_dir):
     assert set(results) == {"mini/test"} and set(results["mini/test"]) == set(methods)
     for m in methods:
         e = results["mini/test"][m]
-        assert e["n"] == 3 and e["skipped_empty_gold"] == 1 and 0 <= e["accuracy"] <= 1
+        assert e["n"] == 3 and e["skipped_empty_gold"] == 1
+    # mta's accuracy recomputed: the run's restored LoRA scores the 3 gold items, top-1 by hand.
+    (mini_set,) = sets.build_sets([str(mini)], data_dir)["mini/test"]
+    bb = workloads.load_decoder_backbone(config.model.path, config.model.dtype, False)
+    lora = loop.restore_trained(wd, bb.base, bb.name)[2]
+    scores = decoder_methods.constrained_scorer(bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id,
+                                                max_len=config.eval.max_len,
+                                                batch_size=config.eval.batch_size)([mini_set])[0]
+    assert [it.id for it in mini_set.items] == ["a", "b", "c"]
+    assert all(len(set(s)) == len(s) for s in scores)  # no ties: top-1 is the argmax
+    hits = [it.candidates[int(np.argmax(s))] in it.gold for it, s in zip(mini_set.items, scores)]
+    assert results["mini/test"]["mta"]["accuracy"] == sum(hits) / 3
     pool = _write_dir(tmp_path / "pool", candidates=False)
     with pytest.raises(ValueError, match="pool/test.*candidates=None"):
         evaluate.run(config, wd, ("zero_shot",), [str(pool)], data_dir=str(data_dir), log=lambda s: None)
 
 
 def test_export_peft_launch_on_tiny_encoder_run(tmp_path, data_dir):
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
     wd, out = tmp_path / "enc", tmp_path / "peft"
     env = {**os.environ}
     for script, args in (("train.py", ["--config", str(REPO / "configs/tiny.py"), "--workdir", str(wd),
@@ -232,7 +268,7 @@ def test_export_peft_launch_on_tiny_encoder_run(tmp_path, data_dir):
         assert proc.returncode == 0, proc.stderr[-3000:]
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 2 and conf["base_model_name_or_path"] == "random-tiny"
-    tensors = safetensors_numpy.load_file(str(out / "adapter_model.safetensors"))
+    tensors = load_file(str(out / "adapter_model.safetensors"))
     base = workloads.load_backbone("random-tiny", "float32", False)[2]
     _, _, lora = loop.restore_trained(wd, base, "random-tiny")
     a = np.asarray(lora.tree["layers"]["attn"]["q"]["a"])  # first_layer=1 of 2: one adapted layer

@@ -5,17 +5,18 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from mta_jax.eval import report
+from mta_jax.eval import methods, report, sets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(script, *args, env_extra=None, check=True):
+def run(script, *args, env_extra=None, check=True, timeout=900):
     env = {**os.environ, **(env_extra or {})}
     proc = subprocess.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -24,8 +25,10 @@ def run(script, *args, env_extra=None, check=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     wd = tmp_path_factory.mktemp("tiny")
+    # outer.lr 0.05 (tiny: 1e-3): two steps move select's cosines by up to 1.5e-2 rather than 6e-5,
+    # far above the 4 printed decimals, so test_select_ranks_a_small_catalogue sees the LoRA.
     run("train.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(wd),
-        "--config.steps=2", "--config.log_every=1", f"--data_dir={data_dir}")
+        "--config.steps=2", "--config.log_every=1", "--config.outer.lr=0.05", f"--data_dir={data_dir}")
     return wd
 
 
@@ -55,7 +58,19 @@ def test_eval_writes_results_json_md_png(trained, tmp_path, data_dir):
     assert set(results) == {"metatool/val_sd", "mytools/custom"}
     assert set(results["metatool/val_sd"]) == {"random", "bm25", "zero_shot", "mta"}
     val = results["metatool/val_sd"]["bm25"]
-    assert val["n"] == 1920 and val["std"] is not None and 0 <= val["accuracy"] <= 1
+    assert val["n"] == 1920 and val["seeds"] == 5
+    # bm25's accuracy recomputed in process from its scores: top-1 by hand, a tie for the best
+    # candidate earns the gold's share of it; mean and sample std over the seeds.
+    group = sets.build_sets(["metatool/val_sd"], data_dir)["metatool/val_sd"]
+    per_seed = []
+    for s, scores in zip(group, methods.bm25_scorer()(group)):
+        credit = 0.0
+        for it, sc in zip(s.items, scores):
+            best = np.flatnonzero(sc == sc.max())
+            credit += sum(it.candidates[i] in it.gold for i in best) / len(best)
+        per_seed.append(credit / len(s.items))
+    assert len(per_seed) == 5 and len(set(per_seed)) > 1
+    assert val["accuracy"] == np.mean(per_seed) and val["std"] == np.std(per_seed, ddof=1)
     custom = results["mytools/custom"]["bm25"]
     assert custom["n"] == 2 and custom["skipped_empty_gold"] == 1 and custom["std"] is None
     assert "recall@5" in custom
@@ -70,6 +85,9 @@ def test_eval_rejects_unknown_method(trained, data_dir):
 
 
 def test_select_ranks_a_small_catalogue(trained, tmp_path):
+    from mta_jax.model import encoder
+    from mta_jax.train import loop, workloads
+
     tools = [{"tool_id": "weather", "name": "weather", "description": "Weather forecast for any city",
               "parameters": None, "category": None},
              {"tool_id": "stocks", "name": "stocks", "description": "Live stock prices and charts",
@@ -80,18 +98,41 @@ def test_select_ranks_a_small_catalogue(trained, tmp_path):
                f"--workdir={trained}", "--top_k=2", "--json")
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [x["query"] for x in lines] == ["forecast for Paris", "AAPL share price"]
-    for x in lines:
-        assert sorted(r["tool_id"] for r in x["ranking"]) == ["stocks", "weather"]
-        scores = [r["score"] for r in x["ranking"]]
-        assert scores == sorted(scores, reverse=True)
+    # The cosines recomputed: the run's restored LoRA on the whole encoder, tools rendered by hand
+    # ("name: description", what the run's compact_doc gives tools without a doc_text).
+    run_config = json.loads((trained / "config.json").read_text())
+    assert run_config["data"]["doc_style"] == "compact_doc"
+    name, cfg, base, tok = workloads.load_backbone(run_config["model"]["path"], "float32", False)
+    lora = loop.restore_trained(trained, base, name)[2]
+    ids, mask = tok.encode(["forecast for Paris", "AAPL share price"]
+                           + [f"{t['name']}: {t['description']}" for t in tools], 64)
+
+    def cosines(adapter):
+        e = np.asarray(encoder.encode(cfg, base, ids, mask, adapter), np.float64)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        return e[:2] @ e[2:].T
+
+    want, zero_shot = cosines(lora), cosines(None)
+    assert np.abs(want - zero_shot).max() > 1e-3  # the LoRA visibly moves the printed scores
+    for x, row in zip(lines, want):
+        ranked = [r["tool_id"] for r in x["ranking"]]
+        assert ranked == [tools[i]["tool_id"] for i in np.argsort(-row)]  # best first
+        # printed with 4 decimals: half a unit of rounding plus float32 noise
+        np.testing.assert_allclose([r["score"] for r in x["ranking"]], np.sort(row)[::-1], rtol=0, atol=6e-5)
 
 
 def test_train_without_data_fails_fast(tmp_path):
+    nowhere = tmp_path / "nowhere"
     proc = run("train.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(tmp_path / "w"),
-               env_extra={"MTA_DATA_DIR": str(tmp_path / "nowhere"), "MTA_CACHE": str(tmp_path / "cache")},
-               check=False)
-    assert proc.returncode != 0
-    assert "MTA_DATA_DIR" in proc.stderr or "--data_dir" in proc.stderr
+               env_extra={"MTA_DATA_DIR": str(nowhere), "MTA_CACHE": str(tmp_path / "cache")},
+               check=False, timeout=120)
+    assert proc.returncode == 1
+    # records.resolve_data_dir's error, uncaught by launch/train.py (so Python prints it last, after
+    # its traceback): it names what was tried and every way to fix it.
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        f"FileNotFoundError: no tool-selection data found ($MTA_DATA_DIR = {nowhere} has no normalized/ "
+        "folder). Pass --data_dir, set MTA_DATA_DIR, or run `python -m mta_jax.data.fetch` to build the cache.")
+    assert not (tmp_path / "w" / "checkpoints").exists()  # failed before any state was set up
 
 
 def test_eval_adapt_methods_on_a_custom_set(trained, tmp_path, data_dir):
