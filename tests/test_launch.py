@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mta_jax.eval import methods, report, sets
+from mta_jax.eval import methods as eval_methods, report, sets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_eval_writes_results_json_md_png(trained, tmp_path, data_dir):
     # candidate earns the gold's share of it; mean and sample std over the seeds.
     group = sets.build_sets(["metatool/val_sd"], data_dir)["metatool/val_sd"]
     per_seed = []
-    for s, scores in zip(group, methods.bm25_scorer()(group)):
+    for s, scores in zip(group, eval_methods.bm25_scorer()(group)):
         credit = 0.0
         for it, sc in zip(s.items, scores):
             best = np.flatnonzero(sc == sc.max())

@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 import optax
-import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mta_jax import meta
