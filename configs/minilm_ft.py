@@ -4,8 +4,8 @@ Command:
   python launch/train.py --config configs/minilm_ft.py --workdir runs/minilm_ft
   python launch/eval.py  --config configs/minilm_ft.py --workdir runs/minilm_ft --methods=ft
 Expected runtime (2 CPU cores, measured): training 2.4 min (100 steps, ~1.3 s/step).
-Expected metric (ft, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-3): MetaTool SD
-88.8 / CD 91.3, ToolLens SD 61.4 / CD 80.1; full table in BUILD_NOTES.md "Results". Docs rendered as in
+Expected metric (ft, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-7): MetaTool SD
+88.6 / CD 91.0, ToolLens SD 61.3 / CD 80.0; full table in BUILD_NOTES.md "Results". Docs rendered as in
 minilm_mta (`compact_doc`, 64 tokens).
 
 Identical to minilm_mta (same data stream, steps, LoRA, optimiser) except `meta.algorithm = "pooled"`:
