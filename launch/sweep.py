@@ -108,7 +108,7 @@ def main(argv):
         raise app.UsageError(f"--seeds must be integers, got {_SEEDS.value}") from e
     if _JOBS.value < 1:
         raise app.UsageError(f"--jobs must be >= 1, got {_JOBS.value}")
-    ft_methods = [m for m in _METHODS.value if m.split(":")[0].split("@")[0].startswith("ft")]
+    ft_methods = [m for m in _METHODS.value if m.startswith("ft")]  # evaluate.py's own rule for the FT run
     if ft_methods and not _FT_CONFIG.value:
         # eval.py would score them with the MTA run itself, and every "mta - ft" difference would be 0
         raise app.UsageError(f"--methods has FT methods {ft_methods} but --ft_config='' trains no FT run")

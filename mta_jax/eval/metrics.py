@@ -74,10 +74,10 @@ def _expected_gain(scores: np.ndarray, candidates: Sequence[str], gold: Sequence
     Each gold candidate's expectation is the mean of ``weight(r)`` over its tie ranks ``r`` (0 for
     ``r >= k``); an abstention (every score :data:`ABSTAIN`) gains nothing.
     """
-    lo, hi = tie_ranks(scores)
     gold_set = set(gold)
     if np.all(np.asarray(scores) == ABSTAIN):
         return 0.0, len(gold_set)
+    lo, hi = tie_ranks(scores)
     is_gold = np.fromiter((c in gold_set for c in candidates), bool, len(candidates))
     gain = 0.0
     for a, b in zip(lo[is_gold], hi[is_gold]):
