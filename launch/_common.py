@@ -27,13 +27,19 @@ def start(argv) -> None:
     quiet_logs()
 
 
-# XLA flags the entry points add unless XLA_FLAGS already sets them. jaxlib 0.10.2's CPU backend
-# turns LayerNorm/softmax reductions into YNNPACK "reduce" fusions that run far below memory speed;
-# without them the second-order attention is ~20% and the 5+5-item meta-step 5-7% faster
-# (BUILD_NOTES.md, Speed, session 6). A CPU-only option: other backends ignore it. XLA aborts on a
-# flag it does not know and this one is experimental, so it is added only for the jaxlib versions it
-# was checked with (0.10.2, pinned here; 0.11.2, on the lent GPU image).
-DEFAULT_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",)
+# XLA flags the entry points add unless XLA_FLAGS already sets them; each backend ignores the others'.
+# CPU: jaxlib 0.10.2's CPU backend turns LayerNorm/softmax reductions into YNNPACK "reduce" fusions
+# that run far below memory speed; without them the second-order attention is ~20% and the 5+5-item
+# meta-step 5-7% faster (BUILD_NOTES.md, Speed, session 6).
+# GPU: matmuls through cuBLAS, not XLA's Triton GEMM fusions, with no autotuning. Measured on an H100
+# (BUILD_NOTES.md, "On a lent GPU", session 14), qwen2_mta's meta-step on Qwen2-0.5B shapes: 0.75 s
+# with these flags, 7.06 s with Triton GEMMs untuned (autotune level 0: 88% of the time in
+# gemm_fusion kernels), and XLA's default (autotuned Triton) ran out of memory at the first step
+# (allocator fragmentation after autotuning; the step needs 33 GiB of the 80). Compilation: 8 s vs 17 s.
+# XLA aborts on a flag it does not know and some of these are experimental, so they are added only
+# for the jaxlib versions they were checked with (0.10.2, pinned here; 0.11.2, on the lent GPU image).
+DEFAULT_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce", "--xla_gpu_enable_triton_gemm=false",
+                     "--xla_gpu_autotune_level=0")
 FLAGS_CHECKED_WITH_JAXLIB = ("0.10.", "0.11.")
 
 

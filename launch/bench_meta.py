@@ -68,6 +68,8 @@ flags.DEFINE_integer("scan_unroll", 1, "JAX: EncoderConfig.scan_unroll (layers p
 flags.DEFINE_bool("fuse_qkv", False, "JAX: one matmul for the q/k/v projections (EncoderConfig.fuse_qkv)")
 flags.DEFINE_list("hvp", ["reverse"], "JAX: InnerConfig.hvp settings to measure (reverse, forward)")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch's default)")
+flags.DEFINE_string("torch_device", "cpu", "device of the PyTorch reference ('cpu' or 'cuda'); on 'cuda' its "
+                    "memory column is torch.cuda.max_memory_allocated over a step and no fresh-process probe runs")
 flags.DEFINE_integer("torch_probe", 0, "internal: run one torch meta-step with this many inner steps in "
                      "this (fresh) process, print its RSS rise as JSON and exit")
 F = flags.FLAGS
@@ -147,14 +149,15 @@ class _PeakRSS:
 class TorchMAML:
     """The reference: Python loop over tasks, create_graph inner steps, manual LoRA on q/v."""
 
-    def __init__(self, model_dir, lora, inner_lr, lr=1e-4):
+    def __init__(self, model_dir, lora, inner_lr, lr=1e-4, device="cpu"):
         import torch
         import transformers
         self.torch = torch
+        self.device = torch.device(device)
         # Eager attention: torch's CPU SDPA kernel has no double backward, which second order needs.
         self.model = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False,
                                                             attn_implementation="eager")
-        self.model.eval()
+        self.model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.fast = {}
@@ -162,8 +165,8 @@ class TorchMAML:
         tree = lora.tree["layers"]["attn"]
         for i, layer in enumerate(self.model.encoder.layer):
             for name, lin in (("q", layer.attention.self.query), ("v", layer.attention.self.value)):
-                a = torch.tensor(np.asarray(tree[name]["a"][i]), requires_grad=True)
-                b = torch.tensor(np.asarray(tree[name]["b"][i]), requires_grad=True)
+                a = torch.tensor(np.asarray(tree[name]["a"][i]), device=self.device, requires_grad=True)
+                b = torch.tensor(np.asarray(tree[name]["b"][i]), device=self.device, requires_grad=True)
                 self.params += [a, b]
                 key = (i, name)
                 lin.forward = self._lora_forward(lin, key, lora.scale)
@@ -182,10 +185,13 @@ class TorchMAML:
         keys = [(i, n) for i in range(len(self.model.encoder.layer)) for n in ("q", "v")]
         self.fast = {k: (flat[2 * j], flat[2 * j + 1]) for j, k in enumerate(keys)}
 
+    def _tensor(self, x):
+        return self.torch.from_numpy(x).to(self.device)
+
     def _encode(self, ids, mask):
         t = self.torch
-        h = self.model(input_ids=t.from_numpy(ids).long(), attention_mask=t.from_numpy(mask).long()).last_hidden_state
-        m = t.from_numpy(mask).float()[..., None]
+        h = self.model(input_ids=self._tensor(ids).long(), attention_mask=self._tensor(mask).long()).last_hidden_state
+        m = self._tensor(mask).float()[..., None]
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return t.nn.functional.normalize(mean, dim=-1)
 
@@ -195,7 +201,7 @@ class TorchMAML:
         q = self._encode(b["q_ids"], b["q_mask"])
         d = self._encode(b["d_ids"].reshape(n * N_CAND, D_LEN), b["d_mask"].reshape(n * N_CAND, D_LEN))
         logits = SCALE * self.torch.einsum("nd,nkd->nk", q, d.reshape(n, N_CAND, -1))
-        return self.torch.nn.functional.cross_entropy(logits, self.torch.from_numpy(b["label"]).long())
+        return self.torch.nn.functional.cross_entropy(logits, self._tensor(b["label"]).long())
 
     def step(self, supports, queries, steps):
         t = self.torch
@@ -226,6 +232,8 @@ def _torch_probe(lora, supports, queries) -> None:
 
 def _fresh_torch_rss(steps: int) -> float:
     """Torch's RSS rise over one meta-step of ``steps`` inner steps, in a fresh process."""
+    if F.torch_device != "cpu":
+        return float("nan")
     args = [sys.executable, "-m", "launch.bench_meta", f"--torch_probe={steps}", f"--tasks={F.tasks}",
             f"--support={F.support}", f"--query={F.query}", f"--inner_lr={F.inner_lr}",
             f"--torch_threads={F.torch_threads}"]
@@ -252,7 +260,9 @@ def main(argv):
     if F.torch_probe:
         return _torch_probe(lora, supports, queries)
     outer = optax.adam(1e-4)
-    ref = TorchMAML(enc.default_model_dir(), lora, F.inner_lr) if F.torch and not F.compile_only else None
+    ref = (TorchMAML(enc.default_model_dir(), lora, F.inner_lr, device=F.torch_device)
+           if F.torch and not F.compile_only else None)
+    on_cuda = ref is not None and ref.device.type == "cuda"
     print(f"# tasks={F.tasks} support={F.support} query={F.query} encoder_remat={F.encoder_remat} "
           f"post_loss={F.post_loss} one_call={F.one_call} task_chunk={F.task_chunk} fuse_qkv={F.fuse_qkv} scan_unroll={F.scan_unroll} load={os.getloadavg()[0]:.1f} "
           f"jax {jax.__version__} on {jax.devices()[0].platform} XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
@@ -286,11 +296,15 @@ def main(argv):
                     jt.append(time.perf_counter() - t0)
                 jr.append(r.rise / 2**20)
                 if ref is not None:
+                    if on_cuda:
+                        ref.torch.cuda.synchronize()
+                        ref.torch.cuda.reset_peak_memory_stats()
+                        before = ref.torch.cuda.memory_allocated()
                     with _PeakRSS() as r:
                         t0 = time.perf_counter()
-                        ref.step(supports, queries, steps)
+                        ref.step(supports, queries, steps)  # .item() per task syncs the device
                         tt.append(time.perf_counter() - t0)
-                    tr.append(r.rise / 2**20)
+                    tr.append((ref.torch.cuda.max_memory_allocated() - before if on_cuda else r.rise) / 2**20)
             med = lambda x: float(np.median(x)) if x else float("nan")
             print(f"{steps:5d} {_remat_label(remat):>5} {hvp:>7} | {compile_s:13.1f} {first:11.1f} {med(jt):10.3f} {temp:11.0f} {max(jr):10.0f} | "
                   f"{med(tt):12.3f} {max(tr) if tr else float('nan'):12.0f} {fresh:14.0f} | {med(tt) / med(jt):9.2f}",

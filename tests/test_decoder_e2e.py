@@ -1,4 +1,5 @@
 """Decoder tool selection end to end: prompts, target loss, constrained scoring, greedy decoding, train + eval, PEFT export."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -275,3 +276,25 @@ def test_export_peft_launch_on_tiny_encoder_run(tmp_path, data_dir):
     key = "base_model.model.encoder.layer.1.attention.self.query.lora_A.weight"
     np.testing.assert_array_equal(tensors[key], a[0].T)
     assert len(tensors) == 2 * 6  # q, k, v, o, up, down on one layer, A and B each
+
+
+def test_random_presets_have_the_real_shapes_in_the_run_dtype(monkeypatch):
+    cfg = workloads.random_decoder_config("random:qwen2_0_5b", "bfloat16", "full")
+    assert cfg == dataclasses.replace(decoder.DecoderConfig.qwen2_0_5b(), dtype="bfloat16",
+                                      param_dtype="bfloat16", remat="full")
+    with pytest.raises(ValueError, match=r"unknown random preset 'qwen9'.*random:llama3_8b, random:qwen2_0_5b"):
+        workloads.random_decoder_config("random:qwen9", "float32", False)
+    # Loading: a small preset stands in for the real ones (0.5B / 8B parameters), same code path.
+    small = decoder.DecoderConfig(vocab_size=40_000, hidden_size=16, num_layers=2, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, intermediate_size=24, arch="llama")
+    monkeypatch.setitem(workloads.RANDOM_PRESETS, "small", lambda: small)
+    bb = workloads.load_decoder_backbone("random:small", "bfloat16", False)
+    assert bb.name == "random:small" and bb.cfg.num_layers == 2 and bb.cfg.dtype == "bfloat16"
+    expected = jax.eval_shape(lambda k: decoder.init_params(bb.cfg, k), jax.random.key(0))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), bb.base) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), expected)
+    assert bb.base["embed"].dtype == jnp.bfloat16 and float(jnp.std(bb.base["embed"].astype(jnp.float32))) > 0.01
+    assert bb.eos_id == bb.tok.token_to_id("[SEP]") and bb.tok.vocab_size <= small.vocab_size
+    monkeypatch.setitem(workloads.RANDOM_PRESETS, "small", lambda: dataclasses.replace(small, vocab_size=1000))
+    with pytest.raises(ValueError, match=r"random:small: MiniLM's tokenizer has 30522 ids.*vocab_size=1000"):
+        workloads.load_decoder_backbone("random:small", "float32", False)

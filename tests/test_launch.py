@@ -206,10 +206,14 @@ def test_default_xla_flags_never_override_the_users():
     from launch import _common
 
     flag = "--xla_cpu_experimental_ynn_fusion_type"
-    assert _common.with_default_xla_flags("") == f"{flag}=-reduce"
+    gpu = "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
+    assert _common.with_default_xla_flags("") == f"{flag}=-reduce {gpu}"
     assert _common.with_default_xla_flags("--xla_force_host_platform_device_count=8") == \
-        f"--xla_force_host_platform_device_count=8 {flag}=-reduce"
-    assert _common.with_default_xla_flags(f"{flag}=dot") == f"{flag}=dot"
+        f"--xla_force_host_platform_device_count=8 {flag}=-reduce {gpu}"
+    assert _common.with_default_xla_flags(f"{flag}=dot") == f"{flag}=dot {gpu}"
+    # A user's own setting of a GPU flag wins too, in either spelling of the value.
+    assert _common.with_default_xla_flags("--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm=true") == \
+        f"--xla_gpu_autotune_level=4 --xla_gpu_enable_triton_gemm=true {flag}=-reduce"
 
 
 def test_default_xla_flags_only_with_a_checked_jaxlib(monkeypatch):
@@ -222,4 +226,16 @@ def test_default_xla_flags_only_with_a_checked_jaxlib(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
     monkeypatch.setattr(_common.importlib.metadata, "version", lambda name: "0.10.2")
     _common.apply_default_xla_flags()
-    assert os.environ["XLA_FLAGS"].endswith("--xla_cpu_experimental_ynn_fusion_type=-reduce")
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                       + " ".join(_common.DEFAULT_XLA_FLAGS))
+
+
+def test_bench_decoder_times_the_training_step(data_dir):
+    proc = run("bench_decoder.py", "--config", "configs/tiny_decoder.py", "--rounds=2", "--profile",
+               f"--data_dir={data_dir}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("prep_s"))
+    fields = dict(zip(line.split()[::2], line.split()[1::2]))
+    assert float(fields["step_s"]) > 0 and float(fields["compile_s"]) > 0
+    # The tiny decoder's random weights over MiniLM's ~30k vocabulary: a loss near log(V), as in training.
+    assert abs(float(fields["loss"]) - np.log(30522)) < 1.5
+    assert "tokens/step=" in proc.stdout and "profile: no device plane" in proc.stdout  # CPU: no kernels

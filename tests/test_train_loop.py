@@ -351,3 +351,20 @@ def test_metric_writer_resume_names_a_corrupt_line_and_leaves_the_file(tmp_path)
     path.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n')
     assert metrics_lib.MetricWriter(tmp_path).resume_at(4) == 1
     assert [r["step"] for r in metrics_lib.read_metrics(tmp_path)] == [2, 4]
+
+
+def test_device_peak_memory_is_logged_where_the_backend_reports_it(monkeypatch):
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    # XLA's CPU client reports no memory statistics: no field rather than a made-up one.
+    assert jax.local_devices()[0].memory_stats() is None and loop._device_memory() == {}
+    monkeypatch.setattr(loop.jax, "local_devices", lambda: [Device({"peak_bytes_in_use": 3 * 2**20,
+                                                                    "bytes_in_use": 2**20})])
+    assert loop._device_memory() == {"device_peak_MB": 3.0}
+    monkeypatch.setattr(loop.jax, "local_devices", lambda: [Device({"bytes_in_use": 2**20})])
+    assert loop._device_memory() == {}

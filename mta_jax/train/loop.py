@@ -153,6 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 mean["step_time_sec"] = (now - t_log) / len(fetched)
                 if step + 1 - len(fetched) == start:
                     mean["prep_sec"] = prep_sec
+                mean.update(_device_memory())
                 if validator is not None and validator.due(done, s.steps):
                     val = validator(meta.initial_params(jax.device_get(state.meta.params), s.meta))
                     mean.update(val)
@@ -184,6 +185,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 def finished(state: state_lib.TrainState, config: ml_collections.ConfigDict) -> bool:
     """Whether :func:`train` ran to ``config.steps`` (False after a SIGTERM stop)."""
     return int(jax.device_get(state.step)) >= int(config.steps)
+
+
+def _device_memory() -> dict[str, float]:
+    """``{"device_peak_MB": ...}``: the most memory this process's first local device has held so far,
+    where the backend reports it (GPU, TPU; XLA's CPU client reports nothing, so {} there)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return {}
+    return {"device_peak_MB": stats["peak_bytes_in_use"] / 2**20}
 
 
 def restore_trained(workdir: str | pathlib.Path, base: dict, base_name: str):

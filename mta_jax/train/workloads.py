@@ -30,6 +30,24 @@ from mta_jax.train import state as state_lib
 
 RANDOM_TINY = "random-tiny"
 RANDOM_TINY_DECODER = "random-tiny-decoder"
+# ``model.path = "random:<preset>"``: a real architecture's shapes with random weights, for speed and
+# memory checks of the decoder configs where no checkpoint can be downloaded (launch/bench_decoder.py).
+RANDOM_PRESET = "random:"
+RANDOM_PRESETS = {"qwen2_0_5b": decoder.DecoderConfig.qwen2_0_5b, "llama3_8b": decoder.DecoderConfig.llama3_8b}
+
+
+def random_decoder_config(model_path: str, dtype: str, remat: bool | str) -> decoder.DecoderConfig:
+    """The :class:`~mta_jax.model.decoder.DecoderConfig` of ``"random:<preset>"``, stored and computed
+    in ``dtype``.
+
+    Raises:
+      ValueError: the preset is not in :data:`RANDOM_PRESETS`.
+    """
+    name = model_path[len(RANDOM_PRESET):]
+    if name not in RANDOM_PRESETS:
+        raise ValueError(f"config.model.path={model_path!r}: unknown random preset {name!r}; "
+                         f"known: {', '.join(RANDOM_PRESET + k for k in sorted(RANDOM_PRESETS))}")
+    return dataclasses.replace(RANDOM_PRESETS[name](), dtype=dtype, param_dtype=dtype, remat=remat)
 
 
 def load_backbone(model_path: str, dtype: str, remat: bool | str):
@@ -152,7 +170,9 @@ def load_decoder_backbone(model_path: str, dtype: str, remat: bool | str) -> Dec
     """Loads a local HF Llama / Qwen2 folder, or the random test model.
 
     ``model_path == "random-tiny-decoder"`` builds a 2-layer, width-32 Qwen2-style decoder (GQA 4:2,
-    qkv bias, tied embeddings) with random weights (seed 0) and MiniLM's tokenizer (eos = ``[SEP]``).
+    qkv bias, tied embeddings) with random weights (seed 0) and MiniLM's tokenizer (eos = ``[SEP]``);
+    ``"random:<preset>"`` (:data:`RANDOM_PRESETS`) a real architecture's shapes, random weights
+    (seed 0) initialised on the device in ``dtype``, and the same tokenizer: for speed and memory only.
     Real checkpoints are stored in ``dtype`` (bf16 configs keep an 8B model at 16 GB).
 
     Raises:
@@ -167,9 +187,17 @@ def load_decoder_backbone(model_path: str, dtype: str, remat: bool | str) -> Dec
                                     arch="qwen2")
         return DecoderBackbone(RANDOM_TINY_DECODER, cfg, decoder.init_params(cfg, jax.random.key(0)), tok,
                                tok.token_to_id("[SEP]"))
+    if model_path.startswith(RANDOM_PRESET):
+        cfg = random_decoder_config(model_path, dtype, remat)
+        tok = tokenize.Tokenizer.from_dir(encoder.default_model_dir())
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{model_path}: MiniLM's tokenizer has {tok.vocab_size} ids, more than the "
+                             f"preset's vocab_size={cfg.vocab_size}")
+        base = jax.jit(lambda k: decoder.init_params(cfg, k))(jax.random.key(0))
+        return DecoderBackbone(model_path, cfg, base, tok, tok.token_to_id("[SEP]"))
     if not model_path:
         raise ValueError("config.model.path is empty: decoder configs need a local HF Llama/Qwen2 folder "
-                         "(or 'random-tiny-decoder')")
+                         "(or 'random-tiny-decoder', or 'random:<preset>' for speed checks)")
     model_dir = pathlib.Path(model_path)
     cfg, base = decoder.load_hf(model_dir, dtype=dtype, param_dtype=dtype)
     tok = tokenize.Tokenizer.from_dir(model_dir)

