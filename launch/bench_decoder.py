@@ -9,9 +9,9 @@ the workload, then the jitted meta-step) on one device, with ``model.path`` a re
 weights, MiniLM's tokenizer; its ToolLens names take up to 44 tokens, hence ``doc_len=48``). Prints
 trace + compile time, the median of ``--rounds`` steps (fresh batches, one per round), XLA's
 planned temp memory, the device's peak memory where the backend reports it, and XLA's FLOP count of
-the step with the layer scan's body counted once per loop (``cost_analysis``; multiply the loops'
-share by ``num_layers`` for the real count, so ``--flops_layers`` reports ``flops x layers`` as an
-upper bound). ``--profile`` traces one more step with ``jax.profiler`` and prints the device
+the step with the layer scan's body counted once per loop (``cost_analysis``: multiply by about
+``num_layers`` for the real count; matmuls that XLA hands to a library, cuBLAS on GPU, are not
+counted at all, so the number is meaningful on CPU). ``--profile`` traces one more step with ``jax.profiler`` and prints the device
 kernels and XLA ops that took the most time (GPU/TPU; the CPU plane has no kernel lines).
 """
 import collections
