@@ -292,3 +292,12 @@ def test_lora_from_another_model_is_rejected():
     stray = lora_lib.LoRAParams({"embed": {"a": jnp.zeros((2, 2)), "b": jnp.zeros((2, 2))}}, 1.0)
     with pytest.raises(ValueError, match="top-level keys"):
         decoder.forward(TINY, params, ids, mask, stray)
+
+
+def test_positions_and_segments_must_match_the_ids():
+    params, _ = _tiny()
+    ids = jnp.ones((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"positions \(2, 4\) must match ids \(2, 5\)"):
+        decoder.hidden_states(TINY, params, ids, ids, positions=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"segments \(5,\) must match ids \(2, 5\)"):
+        decoder.hidden_states(TINY, params, ids, ids, segments=jnp.zeros((5,), jnp.int32))

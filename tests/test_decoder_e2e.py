@@ -298,3 +298,37 @@ def test_random_presets_have_the_real_shapes_in_the_run_dtype(monkeypatch):
     monkeypatch.setitem(workloads.RANDOM_PRESETS, "small", lambda: dataclasses.replace(small, vocab_size=1000))
     with pytest.raises(ValueError, match=r"random:small: MiniLM's tokenizer has 30522 ids.*vocab_size=1000"):
         workloads.load_decoder_backbone("random:small", "float32", False)
+
+
+def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
+    """All of an item's candidates scored in one row (prompt once, then each target in its own
+    segment) give the scores of one (prompt, target) row each; items too long to pack take the
+    per-candidate path, cut from the front exactly like it."""
+    _, cfg, base, tok, eos = backbone
+    words = "please find me the tool that can help with this request about".split()
+    queries = [" ".join(words[:4]), " ".join(words * 2), " ".join(words * 6)]
+    items = [EvalItem("a", queries[0], ("t1",), ("t0", "t1", "t2")),
+             EvalItem("b", queries[1], ("t3",), ("t3", "t1")),
+             EvalItem("c", queries[2], ("t2",), ("t2", "t0", "t3", "t1"))]
+    eval_set = _eval_set(items)
+    texts = decoder_methods._item_texts([eval_set])[0]
+    prompt_len = [len(tok.tokenize([p])[0]) for p, _ in texts]
+    target_len = [[len(tok.tokenize([t], add_special_tokens=False)[0]) + 1 for t in labels] for _, labels in texts]
+    max_len = prompt_len[1] + max(target_len[1])  # b fits alone, not packed; c is cut; a packs
+    assert prompt_len[0] + sum(target_len[0]) <= max_len < prompt_len[1] + sum(target_len[1])
+    assert prompt_len[2] + min(target_len[2]) > max_len
+    packed = []
+    real_pack = decoder_methods._pack
+    monkeypatch.setattr(decoder_methods, "_pack", lambda prompt, *a: packed.append(prompt) or real_pack(prompt, *a))
+    for normalize in (False, True):
+        scores = decoder_methods.constrained_scorer(cfg, base, tok, eos_id=eos, max_len=max_len, batch_size=8,
+                                                    normalize=normalize)([eval_set])[0]
+        enc = prompts.PromptEncoder(tok, max_len, max(map(max, target_len)), eos)
+        for (prompt, labels), got in zip(texts, scores):
+            e = enc.pairs([prompt] * len(labels), labels)
+            ref = np.asarray(decoder.sequence_logprob(cfg, base, e.ids, e.mask, e.target_mask))
+            if normalize:
+                ref = ref / e.target_mask.sum(-1)
+            np.testing.assert_allclose(got, ref, rtol=2e-5)
+        assert e.truncated.all()  # item c's rows were cut from the front
+    assert [len(p) for p in packed] == [prompt_len[0]] * 2  # only item a was packed (once per call)

@@ -17,6 +17,7 @@ import zlib
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mta_jax.data import render
@@ -24,6 +25,7 @@ from mta_jax.eval import metrics
 from mta_jax.eval.metrics import Scorer
 from mta_jax.eval.sets import EvalSet
 from mta_jax.meta import losses
+from mta_jax.model import decoder
 from mta_jax.model import generate
 from mta_jax.tasks import prompts as prompts_lib
 
@@ -72,37 +74,107 @@ def _width(n_tokens: int, max_len: int) -> int:
     return min([w for w in _WIDTHS if w >= n_tokens] + [max_len])
 
 
+def _packed_logprobs(cfg, base, lora, ids, mask, positions, segments, tok_idx, prev_idx, valid):
+    """Per candidate, the summed log-probability of its tokens and their count, ``[B, C]`` each.
+
+    A row holds one prompt (segment 0) followed by every candidate's target (segment ``c + 1``);
+    ``tok_idx[b, c, j]`` is the column of candidate ``c``'s ``j``-th token and ``prev_idx`` the
+    column whose hidden state predicts it (the prompt's last token for ``j = 0``).
+    """
+    b, c, k = tok_idx.shape
+    h = decoder.hidden_states(cfg, base, ids, mask, lora, positions=positions, segments=segments)
+    h = jnp.take_along_axis(h, prev_idx.reshape(b, c * k)[..., None], axis=1)
+    logits = decoder.lm_logits(cfg, base, h)
+    tokens = jnp.take_along_axis(ids, tok_idx.reshape(b, c * k), axis=1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    logp = jnp.where(valid, logp.reshape(b, c, k), 0.0)
+    return jnp.sum(logp, axis=-1), jnp.sum(valid, axis=-1)
+
+
+def _pack(prompt: list[int], targets: list[list[int]], width: int, n_cand: int, max_target: int, pad_id: int):
+    """One packed row (see :func:`_packed_logprobs`) as NumPy arrays."""
+    ids = np.full(width, pad_id, np.int32)
+    mask, positions, segments = (np.zeros(width, np.int32) for _ in range(3))
+    tok_idx, prev_idx = np.zeros((2, n_cand, max_target), np.int32)
+    valid = np.zeros((n_cand, max_target), bool)
+    n = len(prompt)
+    ids[:n], mask[:n], positions[:n] = prompt, 1, np.arange(n)
+    col = n
+    for c, t in enumerate(targets):
+        span = np.arange(col, col + len(t))
+        ids[span], mask[span], segments[span] = t, 1, c + 1
+        positions[span] = n + np.arange(len(t))
+        tok_idx[c, :len(t)] = span
+        prev_idx[c, :len(t)] = np.concatenate([[n - 1], span[:-1]])
+        valid[c, :len(t)] = True
+        col += len(t)
+    return ids, mask, positions, segments, tok_idx, prev_idx, valid
+
+
 def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, max_len: int,
                        batch_size: int, normalize: bool = False) -> Scorer:
     """Scores each candidate by the log-probability of its name (+ eos) after the prompt.
+
+    An item's prompt is run once: its candidates' targets follow it in the same row, each seeing
+    only the prompt and its own earlier tokens, at the positions it would have alone
+    (:func:`mta_jax.model.decoder.hidden_states` ``segments``), so scores equal one row per
+    candidate (tested) for ``P + sum |target|`` tokens instead of ``C (P + |target|)``. Items whose
+    packed row would exceed ``max_len`` get one row per candidate, the prompt cut from the front.
 
     Args:
       cfg, base, tok: the decoder, its weights and tokenizer.
       lora: adapter (None = zero-shot).
       eos_id: appended to each target, as in training.
       max_len: sequence budget (prompts are cut from the front beyond it; targets never).
-      batch_size: rows per compiled call.
+      batch_size: rows per compiled call of one candidate each; a packed call takes
+        ``batch_size // C`` items, so both project as many positions to the vocabulary.
       normalize: divide by the number of target tokens (the ``@norm`` variant).
     """
     fn = jax.jit(losses.target_token_logprobs, static_argnums=(0, 6))
+    packed_fn = jax.jit(_packed_logprobs, static_argnums=(0,))
 
     def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
         texts = _item_texts(group)
-        prompts, targets = [], []
-        for rows in texts:
-            for prompt, labels in rows:
-                prompts += [prompt] * len(labels)
-                targets += labels
-        max_target = max(map(len, tok.tokenize(targets, add_special_tokens=False))) + (eos_id is not None)
+        items = [(prompt, labels) for rows in texts for prompt, labels in rows]
+        all_targets = [t for _, labels in items for t in labels]
+        max_target = max(map(len, tok.tokenize(all_targets, add_special_tokens=False))) + (eos_id is not None)
         max_target = -(-max_target // 8) * 8  # round up: fewer distinct compiled shapes
-        lengths = tok.seq_lengths(prompts) + max_target
-        flat = np.zeros(len(prompts))
+        enc = prompts_lib.PromptEncoder(tok, max_len, max_target, eos_id)
+        full_prompts = tok.tokenize([p for p, _ in items], add_special_tokens=True)
+        scores: list[np.ndarray | None] = [None] * len(items)
+        packed, single = [], []
+        for i, (prompt, labels) in enumerate(items):
+            targets = enc.target_ids(labels)
+            n = len(full_prompts[i]) + sum(map(len, targets))
+            (packed if n <= max_len else single).append((i, targets, n))
+        # Packed rows: one per item, bucketed by width.
+        n_cand = max([len(items[i][1]) for i, _, _ in packed], default=1)
+        per_call = max(1, batch_size // n_cand)  # as many vocabulary projections as unpacked rows
+        for w in sorted({_width(n, max_len) for _, _, n in packed}):
+            rows = [(i, t) for i, t, n in packed if _width(n, max_len) == w]
+            for s in range(0, len(rows), per_call):
+                sel = rows[s:s + per_call]
+                arrs = [_pack(full_prompts[i], t, w, n_cand, max_target, tok.pad_id) for i, t in sel]
+                arrs += [arrs[0]] * (per_call - len(sel))  # padding rows: copies, never read
+                total, count = packed_fn(cfg, base, lora, *map(np.stack, zip(*arrs)))
+                total, count = np.asarray(total, np.float64), np.asarray(count)
+                for r, (i, t) in enumerate(sel):
+                    k = len(t)
+                    scores[i] = total[r, :k] / count[r, :k] if normalize else total[r, :k]
+        # Items too long to pack: one (cut prompt, target) row per candidate.
+        prompts_, targets_, first = [], [], []
+        for i, _, _ in single:
+            first.append(len(prompts_))
+            prompts_ += [items[i][0]] * len(items[i][1])
+            targets_ += items[i][1]
+        flat = np.zeros(len(prompts_))
+        lengths = tok.seq_lengths(prompts_) + max_target if prompts_ else np.zeros(0, int)
         for w in sorted({_width(int(n), max_len) for n in lengths}):
             rows = np.flatnonzero([_width(int(n), max_len) == w for n in lengths])
-            enc = prompts_lib.PromptEncoder(tok, w, max_target, eos_id)
+            wenc = prompts_lib.PromptEncoder(tok, w, max_target, eos_id)
             for s in range(0, len(rows), batch_size):
                 sel = rows[s:s + batch_size]
-                e = enc.pairs([prompts[i] for i in sel], [targets[i] for i in sel])
+                e = wenc.pairs([prompts_[i] for i in sel], [targets_[i] for i in sel])
                 pad = batch_size - len(sel)
                 arrs = [np.pad(a, ((0, pad), (0, 0))) for a in (e.ids, e.mask, e.target_mask)]
                 arrs[2][len(sel):, -1] = 1  # padding rows get a dummy target (never read)
@@ -111,13 +183,12 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
                 if normalize:
                     total = total / np.asarray(valid).sum(-1)[:len(sel)]
                 flat[sel] = total
+        for (i, _, _), f in zip(single, first):
+            scores[i] = flat[f:f + len(items[i][1])]
         out, k = [], 0
         for rows in texts:
-            per_set = []
-            for _, labels in rows:
-                per_set.append(flat[k:k + len(labels)])
-                k += len(labels)
-            out.append(per_set)
+            out.append(scores[k:k + len(rows)])
+            k += len(rows)
         return out
     return score
 

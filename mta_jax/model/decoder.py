@@ -261,7 +261,8 @@ def _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed):
 
 
 def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
-                  lora: LoRAParams | None = None) -> jax.Array:
+                  lora: LoRAParams | None = None, *, positions: jax.Array | None = None,
+                  segments: jax.Array | None = None) -> jax.Array:
     """Final-norm hidden states ``(B, T, D)`` in ``cfg.dtype``.
 
     Args:
@@ -271,17 +272,30 @@ def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Ar
       mask: ``(B, T)``, 1/True on real tokens. Padding may be on either side: positions are
         ``cumsum(mask) - 1`` so left padding behaves like HF given the same ``position_ids``.
       lora: optional adapter; it covers the top ``num_lora_layers(lora)`` layers.
+      positions: ``(B, T)`` rotary positions instead of ``cumsum(mask) - 1``.
+      segments: ``(B, T)`` ints for several continuations of one prefix packed in a row: a token
+        of segment 0 is the shared prefix, seen by every later token; a token of segment ``k > 0``
+        is seen only by later tokens of segment ``k``. With ``positions`` restarting at the prefix
+        length for each segment, every continuation gets the hidden states it would get alone
+        after the prefix (``mta_jax.eval.decoder_methods`` scores all candidates in one row so).
     """
     _check_inputs(cfg, ids, mask)
     dtype = jnp.dtype(cfg.dtype)
     mask = mask.astype(bool)
-    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    if positions is not None and positions.shape != ids.shape:
+        raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
+    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) if positions is None else positions
     freqs = pos[..., None].astype(jnp.float32) * _inv_freq(cfg)
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     t = ids.shape[1]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
     allowed = causal[None] & mask[:, None, :]  # (b, t, s)
+    if segments is not None:
+        if segments.shape != ids.shape:
+            raise ValueError(f"segments {segments.shape} must match ids {ids.shape}")
+        seen = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+        allowed = allowed & seen
     x = jnp.take(params["embed"], ids, axis=0).astype(dtype)
     n_lora = 0
     if lora is not None:
