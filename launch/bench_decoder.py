@@ -66,9 +66,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from mta_jax import meta
     from mta_jax.data import records
-    from mta_jax.model import lora as lora_lib
     from mta_jax.train import loop
     from mta_jax.train import state as state_lib
     from mta_jax.train import workloads
@@ -78,9 +76,7 @@ def main(argv):
     t0 = time.perf_counter()
     work = workloads.load_workload(s, records.resolve_data_dir(_common.DATA_DIR.value))
     base, tables = work.base, work.tables(work.base)
-    lora = lora_lib.init_lora(jax.random.key(0), base, s.lora)
-    opt = loop.make_outer_optimizer(s)
-    state = state_lib.TrainState(meta.init_state(lora, s.meta, opt), jax.random.key(s.seed))
+    state, opt = loop.initial_state(s, base)
     prep = time.perf_counter() - t0
     batches = [work.host_batch(i, s.tasks_per_step) for i in range(_ROUNDS.value + 2)]
     step = jax.jit(loop.make_step_fn(work, s, opt), donate_argnums=(0,))

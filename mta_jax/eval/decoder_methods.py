@@ -83,10 +83,8 @@ def _packed_logprobs(cfg, base, lora, ids, mask, positions, segments, tok_idx, p
     """
     b, c, k = tok_idx.shape
     h = decoder.hidden_states(cfg, base, ids, mask, lora, positions=positions, segments=segments)
-    h = jnp.take_along_axis(h, prev_idx.reshape(b, c * k)[..., None], axis=1)
-    logits = decoder.lm_logits(cfg, base, h)
     tokens = jnp.take_along_axis(ids, tok_idx.reshape(b, c * k), axis=1)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    logp, _ = losses.predicted_logprobs(cfg, base, h, prev_idx.reshape(b, c * k), tokens)
     logp = jnp.where(valid, logp.reshape(b, c, k), 0.0)
     return jnp.sum(logp, axis=-1), jnp.sum(valid, axis=-1)
 
@@ -168,7 +166,7 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
             prompts_ += [items[i][0]] * len(items[i][1])
             targets_ += items[i][1]
         flat = np.zeros(len(prompts_))
-        lengths = tok.seq_lengths(prompts_) + max_target if prompts_ else np.zeros(0, int)
+        lengths = [len(full_prompts[i]) + max_target for i, _, _ in single for _ in items[i][1]]
         for w in sorted({_width(int(n), max_len) for n in lengths}):
             rows = np.flatnonzero([_width(int(n), max_len) == w for n in lengths])
             wenc = prompts_lib.PromptEncoder(tok, w, max_target, eos_id)

@@ -106,11 +106,25 @@ def target_token_logprobs(cfg: decoder.DecoderConfig, base: dict, lora, ids: jax
     valid = jnp.take_along_axis(tm, pos, axis=-1)
     tokens = jnp.take_along_axis(ids, pos, axis=-1)
     h = decoder.hidden_states(cfg, base, ids, mask, lora)
-    h = jnp.take_along_axis(h, jnp.maximum(pos - 1, 0)[..., None], axis=1)  # position t-1 predicts t
-    logits = decoder.lm_logits(cfg, base, h)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    logp, logits = predicted_logprobs(cfg, base, h, jnp.maximum(pos - 1, 0), tokens)  # t-1 predicts t
     correct = jnp.argmax(logits, axis=-1) == tokens
     return jnp.where(valid, logp, 0.0), correct, valid
+
+
+def predicted_logprobs(cfg: decoder.DecoderConfig, base: dict, h: jax.Array, prev: jax.Array,
+                       tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``log p(tokens)`` predicted by the hidden states at columns ``prev``, and those logits.
+
+    Args:
+      h: hidden states ``[B, T, D]``; ``prev``, ``tokens``: ``[B, K]`` (column of the predicting
+        state, token it should predict). Only these ``K`` states are projected to the vocabulary.
+
+    Returns:
+      ``(logp [B, K], logits [B, K, V])``.
+    """
+    logits = decoder.lm_logits(cfg, base, jnp.take_along_axis(h, prev[..., None], axis=1))
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    return logp, logits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,14 @@ def make_outer_optimizer(s: state_lib.Settings) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(s.outer_clip), optax.adam(sched))
 
 
+def initial_state(s: state_lib.Settings, base) -> tuple[state_lib.TrainState, optax.GradientTransformation]:
+    """A fresh run's state (LoRA from the root key's init stream, step 0) and its outer optimiser."""
+    root = jax.random.key(s.seed)
+    lora = lora_lib.init_lora(jax.random.fold_in(root, STREAM_INIT), base, s.lora)
+    outer_opt = make_outer_optimizer(s)
+    return state_lib.TrainState(meta.init_state(lora, s.meta, outer_opt), root), outer_opt
+
+
 def run_identity(name: str, base: dict, config: ml_collections.ConfigDict) -> dict:
     return {"base_name": name, "base_fingerprint": checkpoint.base_fingerprint(base),
             "config": json.loads(config.to_json_best_effort())}
@@ -107,10 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                          s.data.doc_style, data_dir)
     prep_sec = time.perf_counter() - t0
 
-    root = jax.random.key(s.seed)
-    lora = lora_lib.init_lora(jax.random.fold_in(root, STREAM_INIT), base, s.lora)
-    outer_opt = make_outer_optimizer(s)
-    fresh = state_lib.TrainState(meta.init_state(lora, s.meta, outer_opt), root)
+    fresh, outer_opt = initial_state(s, base)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", s.keep_checkpoints, run_identity(name, host_base, config))
     state, origin = checkpoint.restore_or_init(ckpt, fresh, s.init_from or None)
     logging.info("state: %s", origin)
