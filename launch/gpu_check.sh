@@ -21,16 +21,18 @@
 #   1. qwen2_mta at its defaults on random Qwen2-0.5B-shaped weights (model.path=random:qwen2_0_5b)
 #      through launch/train.py: step time and peak device memory in metrics.jsonl
 #   2. llama_mta on random Llama-3-8B-shaped weights (random:llama3_8b) through
-#      launch/bench_decoder.py, at its defaults and with meta.task_chunk=1 (add --profile to see
-#      where a step's time goes)
-#   3. launch/bench_meta.py: the second-order MiniLM meta-step, JAX vs the PyTorch loop on the GPU
+#      launch/bench_decoder.py, at its defaults (add --profile to see where a step's time goes)
+#   3. launch/bench_meta.py: the second-order MiniLM meta-step, JAX vs the PyTorch loop on the GPU,
+#      with the encoder remat of the training configs (off: compiles 2.5-2.9x faster there, session 15)
 #   4. the math tests (closed form, finite differences in float64) on the GPU backend
+# SECTIONS (default "qwen2 llama bench_meta math") picks which run, in the order given.
 # Everything goes to $OUT (logs, metrics.jsonl); a summary table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"
 GPU_DIR="${GPU_DIR:-.gpu}"
 BUDGET_S="${BUDGET_S:-540}"
+SECTIONS="${SECTIONS:-qwen2 llama bench_meta math}"
 mkdir -p "$OUT"
 t_start=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - t_start ))s] $*"; }
@@ -62,27 +64,35 @@ bench_decoder() {  # name cap args...: launch/bench_decoder.py (compile, step ti
   log "$name: exit $?"; grep -E "^(#|prep_s)|Error" "$OUT/$name.log" | tail -3
 }
 
-# 1. the Qwen2 config, exactly as launched (train.py: metrics.jsonl with step time and device memory)
-log "qwen2_train: train.py (limit $(left 100) s)"
-timeout "$(left 100)" python3 launch/train.py --config configs/qwen2_mta.py --workdir /tmp/runs/qwen2 \
-    --config.model.path=random:qwen2_0_5b --config.steps=12 --config.log_every=4 \
-    --config.checkpoint_every=100000 > "$OUT/qwen2_train.log" 2>&1
-log "qwen2_train: exit $?"
-cp /tmp/runs/qwen2/metrics.jsonl "$OUT/qwen2_train.metrics.jsonl" 2>/dev/null
-# 2. the Llama config at its defaults (4 tasks vmapped), then one task at a time
-bench_decoder llama 150 --config configs/llama_mta.py --config.model.path=random:llama3_8b --rounds=2
-bench_decoder llama_chunk1 120 --config configs/llama_mta.py --config.model.path=random:llama3_8b \
-    --config.meta.task_chunk=1 --rounds=2
-# 3. the MiniLM meta-step, JAX vs the PyTorch loop, both on the GPU, full fp32 on both sides
-log "bench_meta (limit $(left 150) s)"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 150)" python3 -m launch.bench_meta --support=5 --query=5 \
-    --steps=1,3 --remat=1 --rounds=3 --torch_device=cuda > "$OUT/bench_meta.log" 2>&1
-log "bench_meta: exit $?"
-# 4. the meta-core's math on the GPU backend
-log "math tests on the GPU backend (limit $(left 90) s)"
-timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider tests/test_meta_closed_form.py tests/test_meta_fd.py \
-    > "$OUT/pytest_math.log" 2>&1
-log "pytest: exit $?"; tail -3 "$OUT/pytest_math.log"
+qwen2() {  # 1. the Qwen2 config, exactly as launched (train.py: metrics.jsonl with step time, memory)
+  log "qwen2_train: train.py (limit $(left 100) s)"
+  timeout "$(left 100)" python3 launch/train.py --config configs/qwen2_mta.py --workdir /tmp/runs/qwen2 \
+      --config.model.path=random:qwen2_0_5b --config.steps=12 --config.log_every=4 \
+      --config.checkpoint_every=100000 > "$OUT/qwen2_train.log" 2>&1
+  log "qwen2_train: exit $?"
+  cp /tmp/runs/qwen2/metrics.jsonl "$OUT/qwen2_train.metrics.jsonl" 2>/dev/null
+}
+llama() {  # 2. the Llama config at its defaults (meta.task_chunk=1: 4 vmapped tasks do not fit 80 GiB)
+  bench_decoder llama 150 --config configs/llama_mta.py --config.model.path=random:llama3_8b --rounds=2
+}
+bench_meta() {  # 3. the MiniLM meta-step, JAX vs the PyTorch loop, both on the GPU, full fp32 on both
+  log "bench_meta (limit $(left 180) s)"
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 180)" python3 -m launch.bench_meta --support=5 \
+      --query=5 --steps=1,3 --remat=1 --rounds=3 --torch_device=cuda --encoder_remat= > "$OUT/bench_meta.log" 2>&1
+  log "bench_meta: exit $?"
+}
+math() {  # 4. the meta-core's math on the GPU backend
+  log "math tests on the GPU backend (limit $(left 90) s)"
+  timeout "$(left 90)" python3 -m pytest -q -p no:cacheprovider tests/test_meta_closed_form.py \
+      tests/test_meta_fd.py > "$OUT/pytest_math.log" 2>&1
+  log "pytest: exit $?"; tail -3 "$OUT/pytest_math.log"
+}
+for section in $SECTIONS; do
+  case "$section" in
+    qwen2|llama|bench_meta|math) "$section" ;;
+    *) log "unknown section '$section' (known: qwen2 llama bench_meta math)"; exit 2 ;;
+  esac
+done
 
 log "summary"
 for f in "$OUT"/*.metrics.jsonl; do
@@ -95,5 +105,5 @@ for line in open(sys.argv[1]):
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
            if k in ('step', 'outer/loss', 'step_time_sec', 'prep_sec', 'device_peak_MB')})" "$f"
 done
-grep -h -E "^(#|prep_s)" "$OUT"/llama*.log
-grep -v "^W\|^I" "$OUT/bench_meta.log" | tail -4
+grep -h -E "^(#|prep_s)" "$OUT"/llama*.log 2>/dev/null
+[ -f "$OUT/bench_meta.log" ] && grep -v "^W\|^I" "$OUT/bench_meta.log" | tail -6
