@@ -43,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         tools_per_episode=8, support=5, query=5, candidates=5, regime="mixed",
         dataset_weighting="uniform",
         support_labels="gold",    # "hidden": unlabelled support items (entropy inner loss; mta_tta)
-        support_source="items"))  # "docs": the support set is the episode tools' own docs (mta_docs)
+        support_source="items",   # "docs": the support set is the episode tools' own docs (mta_docs)
+        query_tools="shared"))    # "disjoint": support and query items on disjoint halves of the tools
     c.lora = ml_collections.ConfigDict(dict(
         rank=8, alpha=16.0, targets=r"layers/(attn/(q|k|v|o)|mlp/(up|down))/kernel", first_layer=4))
     c.meta = ml_collections.ConfigDict(dict(

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         datasets=("metatool", "toollens"), doc_style="name_desc", query_len=384, doc_len=48))
     c.episode = ml_collections.ConfigDict(dict(
         tools_per_episode=8, support=4, query=4, candidates=5, regime="mixed", dataset_weighting="uniform",
-        support_labels="gold", support_source="items"))
+        support_labels="gold", support_source="items", query_tools="shared"))
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, targets=r"layers/attn/(q|v)/kernel",
                                             first_layer=0))
     c.meta = ml_collections.ConfigDict(dict(

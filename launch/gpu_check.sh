@@ -25,7 +25,9 @@
 #   3. launch/bench_meta.py: the second-order MiniLM meta-step, JAX vs the PyTorch loop on the GPU,
 #      with the encoder remat of the training configs (off: compiles 2.5-2.9x faster there, session 15)
 #   4. the math tests (closed form, finite differences in float64) on the GPU backend
-# SECTIONS (default "qwen2 llama bench_meta math") picks which run, in the order given.
+#   main: the main job (launch/main.sh's train, train, eval without its pip install): its table
+#      against the CPU one in BUILD_NOTES.md (session 15: 182 s on an H100, the same table)
+# SECTIONS (default "qwen2 llama bench_meta math"; also "main") picks which run, in the order given.
 # Everything goes to $OUT (logs, metrics.jsonl); a summary table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +39,7 @@ mkdir -p "$OUT"
 t_start=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - t_start ))s] $*"; }
 # Seconds a section may take: its own cap, but never past the overall deadline.
-left() { local l=$(( BUDGET_S - ($(date +%s) - t_start) )); (( l < $1 )) && echo "$l" || echo "$1"; }
+left() { local l=$(( BUDGET_S - ($(date +%s) - t_start) )); (( l < 1 )) && l=1; (( l < $1 )) && echo "$l" || echo "$1"; }
 
 log "setup"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -87,10 +89,26 @@ math() {  # 4. the meta-core's math on the GPU backend
       tests/test_meta_fd.py > "$OUT/pytest_math.log" 2>&1
   log "pytest: exit $?"; tail -3 "$OUT/pytest_math.log"
 }
+main() {  # the main job, each stage time-limited; fp32 matmuls as on the CPU
+  local r=/tmp/runs_main
+  log "main: minilm_mta, minilm_ft, eval (limits $(left 90) / 60 / 150 s)"
+  export JAX_DEFAULT_MATMUL_PRECISION=highest
+  timeout "$(left 90)" python3 launch/train.py --config configs/minilm_mta.py --workdir $r/minilm_mta \
+      > "$OUT/main_mta_train.log" 2>&1; log "main: mta exit $?"
+  timeout "$(left 60)" python3 launch/train.py --config configs/minilm_ft.py --workdir $r/minilm_ft \
+      > "$OUT/main_ft_train.log" 2>&1; log "main: ft exit $?"
+  cp $r/minilm_mta/metrics.jsonl "$OUT/main_mta.metrics.jsonl" 2>/dev/null
+  cp $r/minilm_ft/metrics.jsonl "$OUT/main_ft.metrics.jsonl" 2>/dev/null
+  timeout "$(left 150)" python3 launch/eval.py --config configs/minilm_mta.py --workdir $r/minilm_mta \
+      --ft_workdir $r/minilm_ft --methods=random,bm25,zero_shot,zero_shot@compact_doc,ft,mta \
+      > "$OUT/main_eval.log" 2>&1; log "main: eval exit $?"
+  cp $r/minilm_mta/eval/results.json $r/minilm_mta/eval/results.md "$OUT/" 2>/dev/null
+  unset JAX_DEFAULT_MATMUL_PRECISION
+}
 for section in $SECTIONS; do
   case "$section" in
-    qwen2|llama|bench_meta|math) "$section" ;;
-    *) log "unknown section '$section' (known: qwen2 llama bench_meta math)"; exit 2 ;;
+    qwen2|llama|bench_meta|math|main) "$section" ;;
+    *) log "unknown section '$section' (known: qwen2 llama bench_meta math main)"; exit 2 ;;
   esac
 done
 
@@ -107,3 +125,4 @@ for line in open(sys.argv[1]):
 done
 grep -h -E "^(#|prep_s)" "$OUT"/llama*.log 2>/dev/null
 [ -f "$OUT/bench_meta.log" ] && grep -v "^W\|^I" "$OUT/bench_meta.log" | tail -6
+[ -f "$OUT/results.md" ] && cat "$OUT/results.md"

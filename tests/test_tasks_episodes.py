@@ -191,3 +191,55 @@ def test_doc_support_items_are_the_episode_tools_labelled_with_themselves(pool):
         episodes.EpisodeConfig(support=9, support_source="docs")
     with pytest.raises(ValueError, match="support_source"):
         episodes.EpisodeConfig(support_source="examples")
+
+
+@pytest.mark.parametrize("regime", ["sd", "cd"])
+def test_disjoint_query_tools_split_the_episode_tools(pool, regime):
+    """``query_tools="disjoint"``: support items (gold and distractors) use one half of the episode's
+    tools, query items only the other half; the halves differ between episodes."""
+    cfg = episodes.EpisodeConfig(10, 5, 5, 5, regime, query_tools="disjoint")
+    s = episodes.EpisodeSampler(pool, cfg, seed=4)
+    halves = set()
+    for step in range(20):
+        b = s.batch(step, 4)
+        _check_batch(pool, b, cfg)
+        for e in range(4):
+            s_used = set(b["support_cands"][e].ravel().tolist())
+            q_used = set(b["query_cands"][e].ravel().tolist())
+            assert not s_used & q_used
+            assert len(s_used) <= 5 and len(q_used) <= 5  # each within its half of the 10 tools
+            golds_s = {int(pool.item_gold[i]) for i in b["support_items"][e]}
+            golds_q = {int(pool.item_gold[i]) for i in b["query_items"][e]}
+            assert not golds_s & golds_q
+            halves.add(frozenset(s_used))
+    assert len(halves) > 40  # a fresh random split per episode, not a fixed position
+    np.testing.assert_array_equal(s.batch(3, 2)["query_cands"],
+                                  episodes.EpisodeSampler(pool, cfg, seed=4).batch(3, 2)["query_cands"])
+
+
+def test_shared_query_tools_let_support_and_query_overlap(pool):
+    """The default ("shared") draws support and query items over all the episode's tools: their tools
+    overlap in most episodes (the property ``"disjoint"`` removes)."""
+    b = episodes.EpisodeSampler(pool, episodes.EpisodeConfig(10, 5, 5, 5, "cd"), seed=4).batch(0, 8)
+    overlaps = [bool(set(b["support_cands"][e].ravel().tolist()) & set(b["query_cands"][e].ravel().tolist()))
+                for e in range(8)]
+    assert sum(overlaps) >= 6
+
+
+def test_disjoint_query_tools_config_errors():
+    with pytest.raises(ValueError, match="query_tools"):
+        episodes.EpisodeConfig(query_tools="split")
+    with pytest.raises(ValueError, match=r"candidates \(5\) <= tools_per_episode // 2"):
+        episodes.EpisodeConfig(8, 5, 5, 5, query_tools="disjoint")
+    with pytest.raises(ValueError, match=r"support \(7\) <= tools_per_episode // 2"):
+        episodes.EpisodeConfig(12, 7, 5, 5, support_source="docs", query_tools="disjoint")
+
+
+def test_disjoint_doc_support_uses_the_support_half(pool):
+    cfg = episodes.EpisodeConfig(10, 5, 5, 5, "cd", support_source="docs", query_tools="disjoint")
+    b = episodes.EpisodeSampler(pool, cfg, seed=1).batch(0, 4)
+    for e in range(4):
+        tools = b["tools"][e]
+        s_used = set(b["support_cands"][e].ravel().tolist())
+        assert set(b["support_items"][e].tolist()) == set(tools[sorted(s_used)].tolist())
+        assert not s_used & set(b["query_cands"][e].ravel().tolist())

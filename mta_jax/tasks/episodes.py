@@ -13,6 +13,7 @@ REGIMES = ("sd", "cd", "mixed")
 WEIGHTINGS = ("uniform", "items")
 SUPPORT_LABELS = ("gold", "hidden")
 SUPPORT_SOURCES = ("items", "docs")
+QUERY_TOOLS = ("shared", "disjoint")
 # Host-side random streams (DESIGN.md "Randomness"): default_rng((seed, stream, step, task)).
 EPISODE_STREAM = 1
 POOLED_STREAM = 2
@@ -46,6 +47,12 @@ class EpisodeConfig:
         own documentation (:func:`mta_jax.data.render.pseudo_query`) and whose candidates are it and
         ``C-1`` other episode tools; then ``support_items`` holds *global tool indices*. The inner
         loop thus adapts from the tools' docs alone, as it can for unseen tools (``mta_docs``).
+      query_tools: ``"shared"`` (support and query items draw their golds and distractors from all N
+        episode tools) or ``"disjoint"``: the N tools are split at random into halves of
+        ``N // 2`` and ``N - N // 2``; support items (gold and distractors) use only the first half,
+        query items only the second, so the outer loss scores the adapted parameters on tools the
+        inner loop never saw — the test condition of zero-shot use on unseen tools, as in MLDG's
+        meta-train/meta-test domain split (Li et al., 2018). Needs ``candidates <= N // 2``.
     """
 
     tools_per_episode: int = 8
@@ -56,6 +63,7 @@ class EpisodeConfig:
     dataset_weighting: str = "uniform"
     support_labels: str = "gold"
     support_source: str = "items"
+    query_tools: str = "shared"
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -69,6 +77,15 @@ class EpisodeConfig:
         if self.support_source not in SUPPORT_SOURCES:
             raise ValueError(f"EpisodeConfig.support_source must be one of {SUPPORT_SOURCES}, "
                              f"got {self.support_source!r}")
+        if self.query_tools not in QUERY_TOOLS:
+            raise ValueError(f"EpisodeConfig.query_tools must be one of {QUERY_TOOLS}, got {self.query_tools!r}")
+        if self.query_tools == "disjoint" and self.candidates > self.tools_per_episode // 2:
+            raise ValueError(f"query_tools='disjoint' splits the {self.tools_per_episode} episode tools in two "
+                             f"halves, so it needs candidates ({self.candidates}) <= tools_per_episode // 2")
+        if self.query_tools == "disjoint" and self.support_source == "docs" and \
+                self.support > self.tools_per_episode // 2:
+            raise ValueError(f"query_tools='disjoint' with support_source='docs' needs support ({self.support}) "
+                             f"<= tools_per_episode // 2 (one doc per support-half tool)")
         if self.support_source == "docs" and (self.support > self.tools_per_episode
                                               or self.support_labels != "gold"):
             raise ValueError(f"support_source='docs' needs support ({self.support}) <= tools_per_episode "
@@ -278,12 +295,20 @@ class EpisodeSampler:
             # The fixed protocol's guarantee: val/test tools never appear in training, not even as distractors.
             assert self.pool.tool_is_train[tools].all(), "non-train tool sampled into an episode"
             used: set = set()
+            # Local indices (into ``tools``) of the tools support / query items may use.
+            if cfg.query_tools == "disjoint":
+                order = rng.permutation(len(tools))
+                s_local, q_local = order[:len(tools) // 2], order[len(tools) // 2:]
+            else:
+                s_local = q_local = np.arange(len(tools))
             try:
                 if cfg.support_source == "docs":
-                    s_items, s_cands, s_label = self._doc_items(rng, tools)
+                    s_items, s_cands, s_label = self._doc_items(rng, tools[s_local])
                 else:
-                    s_items, s_cands, s_label = self._items(rng, tools, cfg.support, used)
-                q_items, q_cands, q_label = self._items(rng, tools, cfg.query, used)
+                    s_items, s_cands, s_label = self._items(rng, tools[s_local], cfg.support, used)
+                s_cands = s_local[s_cands].astype(np.int32)
+                q_items, q_cands, q_label = self._items(rng, tools[q_local], cfg.query, used)
+                q_cands = q_local[q_cands].astype(np.int32)
                 if cfg.support_labels == "hidden":
                     s_label = np.full_like(s_label, -1)
                 break
