@@ -149,7 +149,10 @@ class Attention(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed):
+    def __call__(self, x, cos, sin, allowed, cache=None, index=None):
+        """``allowed (b, t, s)``: which keys each query sees. With ``cache`` (``{"k", "v"}``, each
+        ``(b, S, kv, e)``), this call's keys and values are written at slots ``[index, index + t)``
+        and the queries attend over all ``S`` slots; returns ``(out, updated cache)``."""
         c = self.cfg
         dense = functools.partial(LoRADense, use_bias=False, lora_scale=self.lora_scale,
                                   param_dtype=jnp.dtype(c.param_dtype))
@@ -161,12 +164,17 @@ class Attention(nn.Module):
         v = dense(kv * e, use_bias=c.qkv_bias, name="v")(x).reshape(b, t, kv, e)
         q = _rotate(q, cos[:, :, None, None], sin[:, :, None, None])
         k = _rotate(k, cos[:, :, None], sin[:, :, None])
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            cache = {"k": k, "v": v}
         wide = jnp.promote_types(x.dtype, jnp.float32)
         scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=wide) / math.sqrt(e)
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         probs = checkpoint_name(jax.nn.softmax(scores, axis=-1).astype(x.dtype), "attn_probs")
         out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, c.num_heads * e)
-        return dense(c.hidden_size, name="o")(out)
+        out = dense(c.hidden_size, name="o")(out)
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -191,11 +199,16 @@ class DecoderBlock(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed):
+    def __call__(self, x, cos, sin, allowed, cache=None, index=None):
+        """As :class:`Attention`: with a ``cache`` returns ``(out, updated cache)``."""
         c, pd = self.cfg, jnp.dtype(self.cfg.param_dtype)
-        h = x + Attention(c, self.lora_scale, name="attn")(
-            RMSNorm(c.rms_norm_eps, pd, name="attn_norm")(x), cos, sin, allowed)
-        return h + MLP(c, self.lora_scale, name="mlp")(RMSNorm(c.rms_norm_eps, pd, name="mlp_norm")(h))
+        a = Attention(c, self.lora_scale, name="attn")(
+            RMSNorm(c.rms_norm_eps, pd, name="attn_norm")(x), cos, sin, allowed, cache, index)
+        if cache is not None:
+            a, cache = a
+        h = x + a
+        out = h + MLP(c, self.lora_scale, name="mlp")(RMSNorm(c.rms_norm_eps, pd, name="mlp_norm")(h))
+        return out if cache is None else (out, cache)
 
 
 def init_params(cfg: DecoderConfig, key: jax.Array) -> dict:
@@ -260,6 +273,42 @@ def _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed):
     return jax.lax.scan(body, x, (layers, lora_layers))[0]
 
 
+def _scan_layers_cached(cfg, layers, lora_layers, scale, x, cos, sin, allowed, cache, index):
+    """:func:`_scan_layers` for decoding: each layer also reads and writes its slice of ``cache``."""
+    block = DecoderBlock(cfg, scale)
+
+    def body(h, xs):
+        p, lo, c = xs
+        variables = {"params": p} if lo is None else {"params": p, "lora": lo}
+        return block.apply(variables, h, cos, sin, allowed, c, index)
+
+    return jax.lax.scan(body, x, (layers, lora_layers, cache))
+
+
+def _rope(cfg: DecoderConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of rotary positions ``pos (B, T)``, each ``(B, T, head_dim)`` in fp32."""
+    freqs = pos[..., None].astype(jnp.float32) * _inv_freq(cfg)
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def _stacks(cfg: DecoderConfig, params: dict, lora: LoRAParams | None) -> list[tuple[int, int, Any, float]]:
+    """The layer stacks to scan in order: ``(first, stop, lora layers or None, lora scale)`` — the
+    frozen bottom without LoRA variables (so XLA sees a plain dense stack), then the adapted top."""
+    if lora is None:
+        return [(0, cfg.num_layers, None, 1.0)]
+    _check_lora(params, lora)
+    split = cfg.num_layers - num_lora_layers(lora)
+    if split == cfg.num_layers:
+        return [(0, cfg.num_layers, None, 1.0)]
+    top = [(split, cfg.num_layers, lora.tree[LAYERS], lora.scale)]
+    return ([(0, split, None, 1.0)] if split > 0 else []) + top
+
+
+def _layer_slice(tree, first: int, stop: int, num_layers: int):
+    return tree if (first, stop) == (0, num_layers) else jax.tree.map(lambda a: a[first:stop], tree)
+
+
 def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
                   lora: LoRAParams | None = None, *, positions: jax.Array | None = None,
                   segments: jax.Array | None = None) -> jax.Array:
@@ -285,9 +334,7 @@ def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Ar
     if positions is not None and positions.shape != ids.shape:
         raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
     pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) if positions is None else positions
-    freqs = pos[..., None].astype(jnp.float32) * _inv_freq(cfg)
-    freqs = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    cos, sin = _rope(cfg, pos)
     t = ids.shape[1]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
     allowed = causal[None] & mask[:, None, :]  # (b, t, s)
@@ -297,20 +344,59 @@ def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Ar
         seen = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
         allowed = allowed & seen
     x = jnp.take(params["embed"], ids, axis=0).astype(dtype)
-    n_lora = 0
-    if lora is not None:
-        _check_lora(params, lora)
-        n_lora = num_lora_layers(lora)
-    split = cfg.num_layers - n_lora
-    layers = params[LAYERS]
-    if split > 0:  # frozen bottom: no LoRA variables, so XLA sees a plain dense stack
-        bottom = jax.tree.map(lambda a: a[:split], layers) if n_lora else layers
-        x = _scan_layers(cfg, bottom, None, 1.0, x, cos, sin, allowed)
-    if n_lora:
-        top = jax.tree.map(lambda a: a[split:], layers)
-        x = _scan_layers(cfg, top, lora.tree[LAYERS], lora.scale, x, cos, sin, allowed)
+    for first, stop, lora_layers, scale in _stacks(cfg, params, lora):
+        layers = _layer_slice(params[LAYERS], first, stop, cfg.num_layers)
+        x = _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed)
     norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
     return norm.apply({"params": params["final_norm"]}, x)
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> dict[str, jax.Array]:
+    """An empty key/value cache for :func:`decode`: ``{"k", "v"}``, each ``(L, batch, length, kv, e)``
+    in ``cfg.dtype`` (keys are stored after the rotary embedding)."""
+    if length > cfg.max_position:
+        raise ValueError(f"cache length {length} exceeds max_position={cfg.max_position}")
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, jnp.dtype(cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(cfg.dtype))}
+
+
+def decode(cfg: DecoderConfig, params: dict, ids: jax.Array, positions: jax.Array, cache: dict,
+           index: jax.Array | int, key_mask: jax.Array,
+           lora: LoRAParams | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs ``t`` new tokens against a key/value cache: a prefill (``t`` = prompt length) or a step.
+
+    The tokens take cache slots ``[index, index + t)``; token ``i`` sees slot ``j`` when
+    ``j <= index + i`` and ``key_mask[:, j]``, so slots not yet written are hidden by causality and
+    the result equals :func:`hidden_states` over the whole sequence (tested to float32 rounding).
+
+    Args:
+      ids, positions: ``(B, t)`` token ids and their rotary positions.
+      cache: from :func:`init_cache` (or a previous call), length ``S``.
+      index: first slot to write (may be traced).
+      key_mask: ``(B, S)``, False on padding slots.
+      lora, cfg, params: as in :func:`hidden_states`.
+
+    Returns:
+      ``(h, cache)``: final-norm hidden states ``(B, t, D)`` of the new tokens, the updated cache.
+    """
+    b, t = ids.shape
+    size = cache["k"].shape[2]
+    if positions.shape != ids.shape or key_mask.shape != (b, size):
+        raise ValueError(f"decode: ids {ids.shape}, positions {positions.shape} and key_mask "
+                         f"{key_mask.shape} must be (B, t), (B, t) and (B, {size})")
+    cos, sin = _rope(cfg, positions)
+    slots = index + jnp.arange(t)
+    allowed = (jnp.arange(size)[None, :] <= slots[:, None])[None] & key_mask.astype(bool)[:, None, :]
+    x = jnp.take(params["embed"], ids, axis=0).astype(jnp.dtype(cfg.dtype))
+    new = []
+    for first, stop, lora_layers, scale in _stacks(cfg, params, lora):
+        layers = _layer_slice(params[LAYERS], first, stop, cfg.num_layers)
+        part = _layer_slice(cache, first, stop, cfg.num_layers)
+        x, part = _scan_layers_cached(cfg, layers, lora_layers, scale, x, cos, sin, allowed, part, index)
+        new.append(part)
+    cache = new[0] if len(new) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *new)
+    norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
+    return norm.apply({"params": params["final_norm"]}, x), cache
 
 
 def forward(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,

@@ -1,10 +1,11 @@
-"""Greedy decoding for the Llama / Qwen2 decoder, by full re-forward per new token (no KV cache).
+"""Greedy decoding for the Llama / Qwen2 decoder with a key/value cache.
 
-Tool names are a handful of tokens, so re-running the whole (prompt + generated) sequence for each
-new token costs ``max_new_tokens`` forwards of a short sequence; a KV cache would need a second
-attention path in :mod:`mta_jax.model.decoder` and is left out on purpose. Shapes are fixed: the
-buffer is ``[B, P + max_new_tokens]`` from the start, and the causal mask makes the not yet written
-slots invisible to the positions that matter, so one compiled ``while_loop`` serves every step.
+One prefill runs the prompts and fills the cache (:func:`mta_jax.model.decoder.decode`); each
+step then runs only the newest token against it, so a step costs one token's forward instead of
+the whole sequence's. Shapes are fixed: the cache holds ``P + max_new_tokens`` slots from the
+start and causality hides the slots not yet written, so one compiled ``while_loop`` serves every
+step. (Until session 15 every step re-ran the whole sequence; ``tests/test_decoder_e2e.py`` keeps
+that per-token re-forward as the reference the cached decoder must equal.)
 """
 from __future__ import annotations
 
@@ -37,26 +38,30 @@ def greedy(cfg: decoder.DecoderConfig, params: dict, ids: jax.Array, mask: jax.A
         raise ValueError("greedy: prompts must be left padded (mask[:, -1] must be all 1)")
     b, p = ids.shape
     n = max_new_tokens
-    buf = jnp.concatenate([ids.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
-    # Unwritten slots are marked real: they sit after every position we read, so causality hides them.
-    full_mask = jnp.concatenate([mask.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], axis=1)
+    mask = jnp.asarray(mask).astype(jnp.int32)
+    # Generated slots are real keys; causality hides each one until it is written.
+    key_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)
     eos = -1 if eos_id is None else int(eos_id)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    h, cache = decoder.decode(cfg, params, jnp.asarray(ids, jnp.int32), positions, decoder.init_cache(cfg, b, p + n),
+                              0, key_mask, lora)
+    length = jnp.sum(mask, axis=-1)  # the rotary position of the first generated token
 
     def cond(carry):
-        i, _, done = carry
+        i, *_, done = carry
         return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, buf, done = carry
-        h = decoder.hidden_states(cfg, params, buf, full_mask, lora)
-        last = jax.lax.dynamic_slice_in_dim(h, p - 1 + i, 1, axis=1)[:, 0]
+        i, last, out, cache, done = carry
         nxt = jnp.argmax(decoder.lm_logits(cfg, params, last), axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, jnp.int32(max(eos, 0)), nxt)
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None], p + i, axis=1)
-        return i + 1, buf, done | (nxt == eos)
+        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
+        # Feed it (after the last step too: one spare token's forward, no branch in the loop).
+        h, cache = decoder.decode(cfg, params, nxt[:, None], (length + i)[:, None], cache, p + i, key_mask, lora)
+        return i + 1, h[:, 0], out, cache, done | (nxt == eos)
 
-    i, buf, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), buf, jnp.zeros((b,), bool)))
-    tokens = buf[:, p:]
+    init = (jnp.int32(0), h[:, -1], jnp.zeros((b, n), jnp.int32), cache, jnp.zeros((b,), bool))
+    i, _, tokens, _, _ = jax.lax.while_loop(cond, body, init)
     # valid: up to and including the first eos, and only the steps actually run.
     is_eos = tokens == eos
     before = jnp.cumsum(is_eos, axis=1) - is_eos == 0
