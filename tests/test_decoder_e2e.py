@@ -13,14 +13,18 @@ import pytest
 from conftest import load_config
 from safetensors.numpy import load_file
 
+from mta_jax import meta
 from mta_jax.data import render
 from mta_jax.data.records import Catalogue, Tool
+from mta_jax.eval import adapt as adapt_lib
 from mta_jax.eval import decoder_methods, report, sets
 from mta_jax.eval.sets import EvalItem, EvalSet
 from mta_jax.meta import losses
 from mta_jax.model import decoder, generate
+from mta_jax.model import lora as lora_lib
 from mta_jax.tasks import prompts
 from mta_jax.train import evaluate, loop, workloads
+from mta_jax.train import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = [("weather_forecast", "Get the weather forecast for a city"),
@@ -256,6 +260,18 @@ def test_train_and_eval_end_to_end(tmp_path, data_dir):
     pool = _write_dir(tmp_path / "pool", candidates=False)
     with pytest.raises(ValueError, match="pool/test.*candidates=None"):
         evaluate.run(config, wd, ("zero_shot",), [str(pool)], data_dir=str(data_dir), log=lambda s: None)
+    # Test-time adaptation through launch-level evaluation: k-shot needs several items per tool.
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    (toy / "tools.jsonl").write_text((mini / "tools.jsonl").read_text())
+    (toy / "test.jsonl").write_text("".join(json.dumps(
+        {"id": it.id, "query": it.query, "gold": list(it.gold), "candidates": list(it.candidates), "meta": {}}) + "\n"
+        for it in _toy_group()[0].items))
+    adapted = ("mta", "mta_adapt", "ft_adapt", "mta_docs@gen")
+    results = evaluate.run(config, wd, adapted, [str(toy)], data_dir=str(data_dir), log=lambda s: None)
+    assert set(results["toy/test"]) == set(adapted) and all(results["toy/test"][m]["n"] == 8 for m in adapted)
+    with pytest.raises(ValueError, match="mta_tta .*not implemented for decoder"):
+        evaluate.run(config, wd, ("mta_tta",), [str(toy)], data_dir=str(data_dir), log=lambda s: None)
 
 
 def test_export_peft_launch_on_tiny_encoder_run(tmp_path, data_dir):
@@ -332,3 +348,83 @@ def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
             np.testing.assert_allclose(got, ref, rtol=2e-5)
         assert e.truncated.all()  # item c's rows were cut from the front
     assert [len(p) for p in packed] == [prompt_len[0]] * 2  # only item a was packed (once per call)
+
+
+@pytest.fixture(scope="module")
+def adapt_setup(backbone):
+    """The scaled tiny decoder as a backbone, tiny_decoder's settings, and meta-parameters whose LoRA
+    already moves the model (B != 0), so an inner step changes the scores."""
+    name, cfg, base, tok, eos = backbone
+    s = state_lib.settings_from_config(tiny_decoder_config())
+    lora = lora_lib.init_lora(jax.random.key(0), base, s.lora)
+    lora = jax.tree.map(lambda x: x + 0.05, lora)
+    meta_params = meta.init_state(lora, s.meta, loop.make_outer_optimizer(s)).params
+    bb = workloads.DecoderBackbone(name, cfg, base, tok, eos)
+    return s, meta_params, bb
+
+
+def _decoder_adapter(adapt_setup, **kw):
+    s, meta_params, bb = adapt_setup
+    kw = {"shots": 2, "max_len": 192, "batch_size": 8, **kw}
+    shots = kw.pop("shots")
+    return adapt_lib.DecoderAdaptScorer(bb, s, meta_params, shots, **kw)
+
+
+def _toy_group():
+    cat = Catalogue(tuple(_tools()))
+    items = [EvalItem(f"a{k}", f"will it rain in city {k}", ("t0",), ("t1", "t0", "t3")) for k in range(4)]
+    items += [EvalItem(f"b{k}", f"what is {k} times 7", ("t1",), ("t1", "t2", "t0")) for k in range(4)]
+    return (EvalSet("toy/test", "toy", cat, tuple(items), seed=0),)
+
+
+def test_decoder_adaptation_trains_on_other_items_gold_names(adapt_setup, monkeypatch):
+    """mta_adapt for the decoder: the support rows are other-fold items' prompts followed by their
+    gold tool's name + eos; the adapted LoRA is exactly the inner loop on that batch, and it scores
+    the fold with the constrained scorer (recomputed here by hand). So no scored item's label is
+    read. (The encoder's same-query invariance test does not carry over: a decoder prompt lists the
+    candidates in an order seeded by the item id, so two items with one query text score apart.)"""
+    s, meta_params, bb = adapt_setup
+    scorer = _decoder_adapter(adapt_setup)
+    seen = []
+    original = scorer._support
+
+    def recording(eval_set, items):
+        batch = original(eval_set, items)
+        seen.append((list(items), batch))
+        return batch
+
+    monkeypatch.setattr(scorer, "_support", recording)
+    group = _toy_group()
+    scores = scorer(group)[0]
+    assert len(seen) == 2 and all(np.isfinite(x).all() and x.shape == (3,) for x in scores)
+    ids0 = {it.id for it in seen[0][0]}
+    assert ids0 and ids0.isdisjoint({it.id for it in seen[1][0]})
+    items, batch = seen[0]
+    assert batch["ids"].shape[0] == 8 and batch["ids"].shape[0] > len(items)  # padded rows ...
+    assert not batch["target_mask"][len(items):].any()                       # ... carry no target
+    for r, it in enumerate(items):
+        span = batch["ids"][r][batch["target_mask"][r] == 1].tolist()
+        name = TOOLS[int(it.gold[0][1:])][0]
+        assert span == bb.tok.tokenize([" " + name], add_special_tokens=False)[0] + [bb.eos_id]
+    # Fold 0's items are scored by the LoRA adapted on fold 1's support batch.
+    scored0 = [i for i, it in enumerate(group[0].items) if it.id not in {x.id for x in seen[1][0]}]
+    b1 = {k: v for k, v in seen[1][1].items() if k != "max_target"}
+    loss = losses.DecoderTargetLoss(bb.cfg, max_target=seen[1][1]["max_target"])
+    lora = meta.adapt_for_eval(meta_params, bb.base, b1, s.meta, loss, has_aux=True)
+    fold = dataclasses.replace(group[0], items=tuple(group[0].items[i] for i in scored0))
+    ref = decoder_methods.constrained_scorer(bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id, max_len=192,
+                                             batch_size=8)([fold])[0]
+    for i, r in zip(scored0, ref):
+        np.testing.assert_allclose(scores[i], r, rtol=1e-5, atol=1e-5)
+    unadapted = decoder_methods.constrained_scorer(bb.cfg, bb.base, bb.tok, meta_params, eos_id=bb.eos_id,
+                                                   max_len=192, batch_size=8)([fold])[0]
+    assert max(np.abs(a - b).max() for a, b in zip(ref, unadapted)) > 1e-3  # adaptation moved them
+
+
+def test_decoder_adaptation_options(adapt_setup):
+    with pytest.raises(ValueError, match="support must be one of"):
+        _decoder_adapter(adapt_setup, support="unlabelled")
+    docs = _decoder_adapter(adapt_setup, support="docs")(_toy_group())[0]
+    gen = _decoder_adapter(adapt_setup, variant="@gen")(_toy_group())[0]
+    assert all(np.isfinite(x).all() for x in docs)
+    assert all(set(np.unique(x)) <= {0.0, 1.0} or np.isneginf(x).all() for x in gen)

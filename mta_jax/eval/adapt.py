@@ -43,10 +43,12 @@ import numpy as np
 
 from mta_jax import meta
 from mta_jax.data import render
+from mta_jax.eval import decoder_methods
 from mta_jax.eval import methods as methods_lib
 from mta_jax.eval.encoders import SharedBottomEncoder
 from mta_jax.eval.sets import EvalItem, EvalSet
 from mta_jax.meta import losses
+from mta_jax.tasks import prompts as prompts_lib
 
 SUPPORTS = ("labelled", "unlabelled", "docs")
 DEFAULT_MAX_SUPPORT = 256  # support items per adaptation (MetaTool's 37 test tools x 5 shots fit)
@@ -115,15 +117,8 @@ class AdaptScorer:
 
     def __init__(self, bank: SharedBottomEncoder, settings, meta_params, shots: int,
                  max_support: int = DEFAULT_MAX_SUPPORT, support: str = "labelled"):
-        if support not in SUPPORTS:
-            raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
-        if shots < 1:
-            raise ValueError(f"mta_adapt needs shots >= 1, got {shots}")
-        if max_support < 1:
-            raise ValueError(f"mta_adapt needs max_support >= 1, got {max_support}")
-        self.bank, self.s, self.meta_params = bank, settings, meta_params
-        self.shots, self.max_support, self.support = shots, max_support, support
-        self.support_sizes: list[tuple[str, int, int, int]] = []
+        self._init_common(settings, meta_params, shots, max_support, support)
+        self.bank = bank
         # The support episode holds every candidate doc of up to ``max_support`` items (ToolLens:
         # ~1,000 docs), not a training episode's 8: without per-layer remat, the activations kept
         # for the inner gradient of LoRA on four layers over 128-token docs peaked at 14-18 GB RSS.
@@ -134,6 +129,18 @@ class AdaptScorer:
                                                 has_aux=True))
 
         self._render = functools.partial(render.tool_text, style=settings.data.doc_style)
+
+    def _init_common(self, settings, meta_params, shots: int, max_support: int, support: str,
+                     supports: Sequence[str] = SUPPORTS) -> None:
+        if support not in supports:
+            raise ValueError(f"support must be one of {tuple(supports)}, got {support!r}")
+        if shots < 1:
+            raise ValueError(f"mta_adapt needs shots >= 1, got {shots}")
+        if max_support < 1:
+            raise ValueError(f"mta_adapt needs max_support >= 1, got {max_support}")
+        self.s, self.meta_params = settings, meta_params
+        self.shots, self.max_support, self.support = shots, max_support, support
+        self.support_sizes: list[tuple[str, int, int, int]] = []
 
     @property
     def labelled(self) -> bool:
@@ -276,6 +283,57 @@ class AdaptScorer:
                 for i, x in zip(scored, per_item):
                     out[si][i] = x
         return out
+
+
+class DecoderAdaptScorer(AdaptScorer):
+    """:class:`AdaptScorer` for a decoder: the same folds and support items; the inner loop runs
+    the training loss (cross-entropy on the gold tool's name after a prompt listing the item's
+    candidates, in the order constrained scoring shows them), and the adapted LoRA scores with
+    :func:`mta_jax.eval.decoder_methods.decoder_scorer` (``variant``: ``""``, ``"@norm"``, ``"@gen"``).
+
+    Supports ``"labelled"`` and ``"docs"``; the entropy loss of ``"unlabelled"`` items is
+    encoder-only. A support episode is one batch of ``max_support`` rows at most, each as long as
+    its longest prompt + name needs (up to ``max_len``; the prompt cut from the front beyond it).
+    """
+
+    def __init__(self, backbone, settings, meta_params, shots: int, max_support: int = DEFAULT_MAX_SUPPORT,
+                 support: str = "labelled", *, variant: str = "", max_len: int, batch_size: int,
+                 log=None):
+        self._init_common(settings, meta_params, shots, max_support, support, supports=("labelled", "docs"))
+        self.bb, self.variant, self.max_len, self.batch_size, self.log = backbone, variant, max_len, batch_size, log
+        self._adapt_fns: dict[int, object] = {}  # per target length (a static size of the loss)
+
+    def _adapt_fn(self, max_target: int):
+        if max_target not in self._adapt_fns:
+            loss = losses.DecoderTargetLoss(self.bb.cfg, max_target=max_target)
+            self._adapt_fns[max_target] = jax.jit(functools.partial(
+                meta.adapt_for_eval, algo=self.s.meta, loss_fn=loss, has_aux=True))
+        return self._adapt_fns[max_target]
+
+    def _support(self, eval_set: EvalSet, items) -> dict:
+        """Prompt + gold name rows (right padded; rows padded to a multiple of 8 with empty targets)."""
+        texts = decoder_methods._item_texts([dataclasses.replace(eval_set, items=tuple(items))])[0]
+        prompts = [p for p, _ in texts]
+        targets = [labels[_support_label(eval_set, it)] for it, (_, labels) in zip(items, texts)]
+        tok, eos = self.bb.tok, self.bb.eos_id
+        max_target = max(map(len, tok.tokenize(targets, add_special_tokens=False))) + (eos is not None)
+        max_target = -(-max_target // 8) * 8
+        longest = max(map(len, tok.tokenize(prompts, add_special_tokens=True))) + max_target
+        enc = prompts_lib.PromptEncoder(tok, decoder_methods._width(longest, self.max_len), max_target, eos)
+        e = enc.pairs(prompts, targets)
+        pad = _round_up(len(items), 8) - len(items)
+        batch = {k: np.pad(getattr(e, k), ((0, pad), (0, 0))) for k in ("ids", "mask", "target_mask")}
+        batch["max_target"] = max_target
+        return batch
+
+    def _adapt_and_score(self, first: EvalSet, support: list[EvalItem], sets: list[EvalSet]):
+        batch = dict(self._support(first, support))
+        adapt = self._adapt_fn(batch.pop("max_target"))
+        lora = adapt(self.meta_params, self.bb.base, batch)
+        scorer = decoder_methods.decoder_scorer(self.variant, self.bb.cfg, self.bb.base, self.bb.tok, lora,
+                                                eos_id=self.bb.eos_id, max_len=self.max_len,
+                                                batch_size=self.batch_size, log=self.log)
+        return scorer(sets)
 
 
 def adapt_scorer(bank: SharedBottomEncoder, settings, meta_params, shots: int,

@@ -12,7 +12,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -125,20 +125,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
                 lora = dataclasses.replace(lora, scale=lora.scale * alpha)
             render = functools.partial(tool_text, style=settings.data.doc_style)  # as trained
             scorers[m] = methods_lib.embedding_scorer(bank.embed_fn(lora), render=render)
-        elif m in ADAPTED_SUPPORT and m.startswith("mta"):
-            s, meta_params, _ = trained[m]
-            s = dataclasses.replace(s, meta=test_time_meta(s.meta, config.eval))
-            scorers[m] = adapt_lib.adapt_scorer(bank, s, meta_params, support=ADAPTED_SUPPORT[m], **adapt_kwargs)
-        elif m in ADAPTED_SUPPORT:  # ft_adapt, ft_tta, ft_docs
-            # Ablation: the FT initialisation adapted with MTA's inner loop (same steps, lr, shots),
-            # so "adaptation helps" and "meta-learned initialisation helps" can be told apart.
-            ft_settings, _, ft_lora = trained[m]
-            mta_run = next((trained[k] for k in TRAINED if k.startswith("mta") and k in trained), None)
-            mta_settings = (mta_run or loop.restore_trained(workdir, base, name))[0]
-            if mta_settings.meta.inner.steps == 0:
-                raise ValueError(f"{m} borrows the inner loop of {workdir}, which has inner_steps=0")
-            settings = dataclasses.replace(ft_settings, meta=test_time_meta(mta_settings.meta, config.eval))
-            scorers[m] = adapt_lib.adapt_scorer(bank, settings, ft_lora, support=ADAPTED_SUPPORT[m], **adapt_kwargs)
+        elif m in ADAPTED_SUPPORT:
+            settings, start = _adaptation(m, trained, workdir, config.eval,
+                                          lambda: loop.restore_trained(workdir, base, name))
+            scorers[m] = adapt_lib.adapt_scorer(bank, settings, start, support=ADAPTED_SUPPORT[m], **adapt_kwargs)
         else:
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
     # One frozen-bottom pass over every text any embedding method will see, in full batches.
@@ -151,6 +141,26 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         log(f"frozen bottom ({first} layers) over {len(texts)} texts in {time.perf_counter() - t1:.1f}s")
     return _evaluate_and_write(scorers, groups, out_dir or pathlib.Path(workdir) / "eval", methods, sets,
                                ft_workdir, name, t0, log)
+
+
+def _adaptation(m: str, runs: dict, workdir, eval_config, restore_mta) -> tuple[Any, Any]:
+    """``(settings, starting parameters)`` of an adapted method ``m`` (a key of :data:`ADAPTED_SUPPORT`).
+
+    ``mta_*`` adapts the run's meta-parameters with its own inner loop; ``ft_*`` is the ablation
+    that adapts the FT initialisation with the MTA run's inner loop (same steps, lr, shots), so
+    "adaptation helps" and "a meta-learned initialisation helps" can be told apart. ``runs`` maps
+    method names to :func:`loop.restore_trained` results; ``restore_mta()`` restores ``workdir``
+    when no MTA method was asked for.
+    """
+    if m.startswith("mta"):
+        s, meta_params, _ = runs[m]
+        return dataclasses.replace(s, meta=test_time_meta(s.meta, eval_config)), meta_params
+    ft_settings, _, ft_lora = runs[m]
+    mta_run = next((runs[k] for k in TRAINED if k.startswith("mta") and k in runs), None)
+    mta_settings = (mta_run or restore_mta())[0]
+    if mta_settings.meta.inner.steps == 0:
+        raise ValueError(f"{m} borrows the inner loop of {workdir}, which has inner_steps=0")
+    return dataclasses.replace(ft_settings, meta=test_time_meta(mta_settings.meta, eval_config)), ft_lora
 
 
 def test_time_meta(algo, eval_config):
@@ -186,10 +196,18 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
     """Decoder methods: ``zero_shot``/``ft``/``mta`` score candidate names with LoRA None / trained.
 
     A ``@norm`` or ``@gen`` suffix picks the variant (see :mod:`mta_jax.eval.decoder_methods`);
-    ``random``/``bm25`` need no model. ``mta_adapt`` is not implemented for the decoder yet.
+    ``random``/``bm25`` need no model. ``mta_adapt`` / ``ft_adapt`` (k-shot) and ``mta_docs`` /
+    ``ft_docs`` adapt as for the encoder (:class:`mta_jax.eval.adapt.DecoderAdaptScorer`) and take the
+    same suffixes; ``mta_tta`` / ``ft_tta`` (entropy on unlabelled queries) are encoder-only.
     """
     bb = workloads.load_decoder_backbone(config.model.path, config.model.dtype, False)
-    scorers, restored = {}, {}
+    scorers, restored, runs = {}, {}, {}
+
+    def restore(src):
+        if src not in restored:
+            restored[src] = loop.restore_trained(src, bb.base, bb.name)
+        return restored[src]
+
     for m in methods:
         base_name, variant = decoder_methods.split_method(m)
         if base_name in methods_lib.METHODS and base_name != "zero_shot":
@@ -197,14 +215,21 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
                 raise ValueError(f"method {m!r}: {base_name!r} has no decoder variants")
             scorers[m] = methods_lib.METHODS[m](methods_lib.MethodContext(config=config, workdir=workdir))
             continue
-        if base_name in ADAPTED_SUPPORT:
-            raise ValueError(f"{base_name} is not implemented for decoder models")
+        if ADAPTED_SUPPORT.get(base_name) == "unlabelled":
+            raise ValueError(f"{base_name} (entropy on unlabelled queries) is not implemented for decoder "
+                             f"models; mta_adapt, ft_adapt, mta_docs and ft_docs are")
         lora = None
         if base_name in TRAINED:
-            src = ft_workdir if (base_name == "ft" and ft_workdir is not None) else workdir
-            if src not in restored:
-                restored[src] = loop.restore_trained(src, bb.base, bb.name)[2]
-            lora = restored[src]
+            src = ft_workdir if (base_name.startswith("ft") and ft_workdir is not None) else workdir
+            runs[base_name] = restore(src)
+            lora = runs[base_name][2]
+        if base_name in ADAPTED_SUPPORT:
+            settings, start = _adaptation(base_name, runs, workdir, config.eval, lambda: restore(workdir))
+            scorers[m] = adapt_lib.DecoderAdaptScorer(
+                bb, settings, start, config.eval.adapt_shots,
+                config.eval.get("adapt_max_support", adapt_lib.DEFAULT_MAX_SUPPORT), ADAPTED_SUPPORT[base_name],
+                variant=variant, max_len=config.eval.max_len, batch_size=config.eval.batch_size, log=log)
+            continue
         scorers[m] = decoder_methods.decoder_scorer(
             variant, bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id, max_len=config.eval.max_len,
             batch_size=config.eval.batch_size, log=log)
