@@ -272,6 +272,23 @@ def test_train_and_eval_end_to_end(tmp_path, data_dir):
     assert set(results["toy/test"]) == set(adapted) and all(results["toy/test"][m]["n"] == 8 for m in adapted)
     with pytest.raises(ValueError, match="mta_tta .*not implemented for decoder"):
         evaluate.run(config, wd, ("mta_tta",), [str(toy)], data_dir=str(data_dir), log=lambda s: None)
+    # launch/select.py on a decoder run: every catalogue tool ranked by its name's constrained score.
+    queries = ["will it snow in Bergen", "what is 12 plus 30"]
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "select.py"), f"--tools={mini}",
+                           *[f"--query={q}" for q in queries], f"--workdir={wd}", "--top_k=3", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    catalogue = mini_set.catalogue
+    items = [sets.EvalItem(f"query{i}", q, (), tuple(t.tool_id for t in catalogue.tools))
+             for i, q in enumerate(queries)]
+    want = decoder_methods.constrained_scorer(bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id,
+                                              max_len=config.eval.max_len, batch_size=config.eval.batch_size)(
+        [sets.EvalSet("select", "select", catalogue, tuple(items))])[0]
+    assert [x["query"] for x in lines] == queries
+    for x, row in zip(lines, want):
+        assert [r["tool_id"] for r in x["ranking"]] == [catalogue.tools[i].tool_id for i in np.argsort(-row)[:3]]
+        np.testing.assert_allclose([r["score"] for r in x["ranking"]], np.sort(row)[::-1][:3], atol=2e-4)
 
 
 def test_export_peft_launch_on_tiny_encoder_run(tmp_path, data_dir):

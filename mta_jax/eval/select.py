@@ -1,4 +1,5 @@
-"""Ranks a catalogue's tools for free-text queries with any embedding function (the ``select`` CLI's core)."""
+"""Ranks a catalogue's tools for free-text queries (the ``select`` CLI's core): by cosine with any
+embedding function (encoder runs), or by a decoder's constrained score of each tool's name."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,6 +9,8 @@ import numpy as np
 from mta_jax.data import records
 from mta_jax.data import render
 from mta_jax.eval.methods import EmbedFn
+from mta_jax.eval.metrics import Scorer
+from mta_jax.eval.sets import EvalItem, EvalSet
 
 
 def rank_tools(embed_fn: EmbedFn, catalogue: records.Catalogue, queries: Sequence[str],
@@ -34,4 +37,28 @@ def rank_tools(embed_fn: EmbedFn, catalogue: records.Catalogue, queries: Sequenc
     for row in q @ d.T:
         order = np.argsort(-row, kind="stable")[:top_k]
         out.append([(catalogue.tools[i].tool_id, float(row[i])) for i in order])
+    return out
+
+
+def rank_tools_by_scorer(scorer: Scorer, catalogue: records.Catalogue, queries: Sequence[str],
+                         top_k: int | None = None) -> list[list[tuple[str, float]]]:
+    """Ranks every tool of ``catalogue`` for each query with an eval :data:`Scorer`, best first.
+
+    For decoder runs: each query becomes one item whose candidates are the whole catalogue (the
+    prompt lists them all, in an order seeded by the query's position, as evaluation does) and
+    the scorer's value of each candidate (e.g. ``log p(" name" + eos | prompt)``) ranks it.
+
+    Returns:
+      One list per query of ``(tool_id, score)``; ties keep catalogue order.
+    """
+    if not queries:
+        raise ValueError("rank_tools_by_scorer: no queries")
+    ids = tuple(t.tool_id for t in catalogue.tools)
+    items = tuple(EvalItem(f"query{i}", q, (), ids) for i, q in enumerate(queries))
+    (scores,) = scorer([EvalSet("select", "select", catalogue, items)])
+    out = []
+    for row in scores:
+        row = np.asarray(row, np.float64)
+        order = np.argsort(-row, kind="stable")[:top_k]
+        out.append([(ids[i], float(row[i])) for i in order])
     return out
