@@ -210,7 +210,7 @@ def test_prompts_list_candidates_in_a_seeded_order_not_the_shipped_one():
     """Shipped lists that always put the gold first must not show it first: position would answer."""
     tools = [Tool(f"t{i}", f"tool{i}", f"does thing {i}") for i in range(5)]
     items = tuple(EvalItem(f"q{k}", f"request {k}", ("t0",), tuple(f"t{i}" for i in range(5))) for k in range(40))
-    (rows,) = decoder_methods._item_texts((EvalSet("toy/first", "toy", Catalogue(tools), items),))
+    (rows,) = decoder_methods.item_texts((EvalSet("toy/first", "toy", Catalogue(tools), items),))
     shown_first = []
     for it, (prompt, labels) in zip(items, rows):
         assert labels == [f" tool{i}" for i in range(5)]  # scores stay in candidate order
@@ -344,7 +344,7 @@ def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
              EvalItem("b", queries[1], ("t3",), ("t3", "t1")),
              EvalItem("c", queries[2], ("t2",), ("t2", "t0", "t3", "t1"))]
     eval_set = _eval_set(items)
-    texts = decoder_methods._item_texts([eval_set])[0]
+    texts = decoder_methods.item_texts([eval_set])[0]
     prompt_len = [len(tok.tokenize([p])[0]) for p, _ in texts]
     target_len = [[len(tok.tokenize([t], add_special_tokens=False)[0]) + 1 for t in labels] for _, labels in texts]
     max_len = prompt_len[1] + max(target_len[1])  # b fits alone, not packed; c is cut; a packs

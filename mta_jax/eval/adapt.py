@@ -293,7 +293,9 @@ class DecoderAdaptScorer(AdaptScorer):
 
     Supports ``"labelled"`` and ``"docs"``; the entropy loss of ``"unlabelled"`` items is
     encoder-only. A support episode is one batch of ``max_support`` rows at most, each as long as
-    its longest prompt + name needs (up to ``max_len``; the prompt cut from the front beyond it).
+    its longest prompt + name needs (up to ``max_len``; the prompt cut from the front beyond it),
+    and its gradient is taken with every layer rematerialised; memory still grows with
+    ``max_support x max_len`` tokens, so lower ``eval.adapt_max_support`` for a large model.
     """
 
     def __init__(self, backbone, settings, meta_params, shots: int, max_support: int = DEFAULT_MAX_SUPPORT,
@@ -305,21 +307,22 @@ class DecoderAdaptScorer(AdaptScorer):
 
     def _adapt_fn(self, max_target: int):
         if max_target not in self._adapt_fns:
-            loss = losses.DecoderTargetLoss(self.bb.cfg, max_target=max_target)
+            cfg = self.bb.cfg if self.bb.cfg.remat else dataclasses.replace(self.bb.cfg, remat=True)
+            loss = losses.DecoderTargetLoss(cfg, max_target=max_target)
             self._adapt_fns[max_target] = jax.jit(functools.partial(
                 meta.adapt_for_eval, algo=self.s.meta, loss_fn=loss, has_aux=True))
         return self._adapt_fns[max_target]
 
     def _support(self, eval_set: EvalSet, items) -> dict:
         """Prompt + gold name rows (right padded; rows padded to a multiple of 8 with empty targets)."""
-        texts = decoder_methods._item_texts([dataclasses.replace(eval_set, items=tuple(items))])[0]
+        texts = decoder_methods.item_texts([dataclasses.replace(eval_set, items=tuple(items))])[0]
         prompts = [p for p, _ in texts]
         targets = [labels[_support_label(eval_set, it)] for it, (_, labels) in zip(items, texts)]
         tok, eos = self.bb.tok, self.bb.eos_id
         max_target = max(map(len, tok.tokenize(targets, add_special_tokens=False))) + (eos is not None)
         max_target = -(-max_target // 8) * 8
         longest = max(map(len, tok.tokenize(prompts, add_special_tokens=True))) + max_target
-        enc = prompts_lib.PromptEncoder(tok, decoder_methods._width(longest, self.max_len), max_target, eos)
+        enc = prompts_lib.PromptEncoder(tok, decoder_methods.padded_width(longest, self.max_len), max_target, eos)
         e = enc.pairs(prompts, targets)
         pad = _round_up(len(items), 8) - len(items)
         batch = {k: np.pad(getattr(e, k), ((0, pad), (0, 0))) for k in ("ids", "mask", "target_mask")}

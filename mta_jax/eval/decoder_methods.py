@@ -51,7 +51,7 @@ def display_order(item_id: str, n: int) -> np.ndarray:
     return np.random.default_rng(zlib.crc32(item_id.encode("utf-8"))).permutation(n)
 
 
-def _item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
+def item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
     """Per set, per item: ``(prompt, [" label" of each candidate])``, labels in candidate order."""
     out = []
     for s in group:
@@ -70,7 +70,8 @@ def _item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
     return out
 
 
-def _width(n_tokens: int, max_len: int) -> int:
+def padded_width(n_tokens: int, max_len: int) -> int:
+    """The smallest of the compiled widths (:data:`_WIDTHS`) that holds ``n_tokens``, capped at ``max_len``."""
     return min([w for w in _WIDTHS if w >= n_tokens] + [max_len])
 
 
@@ -132,7 +133,7 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
     packed_fn = jax.jit(_packed_logprobs, static_argnums=(0,))
 
     def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
-        texts = _item_texts(group)
+        texts = item_texts(group)
         items = [(prompt, labels) for rows in texts for prompt, labels in rows]
         all_targets = [t for _, labels in items for t in labels]
         max_target = max(map(len, tok.tokenize(all_targets, add_special_tokens=False))) + (eos_id is not None)
@@ -148,8 +149,8 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
         # Packed rows: one per item, bucketed by width.
         n_cand = max([len(items[i][1]) for i, _, _ in packed], default=1)
         per_call = max(1, batch_size // n_cand)  # as many vocabulary projections as unpacked rows
-        for w in sorted({_width(n, max_len) for _, _, n in packed}):
-            rows = [(i, t) for i, t, n in packed if _width(n, max_len) == w]
+        for w in sorted({padded_width(n, max_len) for _, _, n in packed}):
+            rows = [(i, t) for i, t, n in packed if padded_width(n, max_len) == w]
             for s in range(0, len(rows), per_call):
                 sel = rows[s:s + per_call]
                 arrs = [_pack(full_prompts[i], t, w, n_cand, max_target, tok.pad_id) for i, t in sel]
@@ -167,8 +168,8 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
             targets_ += items[i][1]
         flat = np.zeros(len(prompts_))
         lengths = [len(full_prompts[i]) + max_target for i, _, _ in single for _ in items[i][1]]
-        for w in sorted({_width(int(n), max_len) for n in lengths}):
-            rows = np.flatnonzero([_width(int(n), max_len) == w for n in lengths])
+        for w in sorted({padded_width(int(n), max_len) for n in lengths}):
+            rows = np.flatnonzero([padded_width(int(n), max_len) == w for n in lengths])
             wenc = prompts_lib.PromptEncoder(tok, w, max_target, eos_id)
             for s in range(0, len(rows), batch_size):
                 sel = rows[s:s + batch_size]
@@ -214,7 +215,7 @@ def generation_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, ma
         return text.split("\n", 1)[0].strip()
 
     def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
-        texts = _item_texts(group)
+        texts = item_texts(group)
         prompts = [p for rows in texts for p, _ in rows]
         labels = sorted({lab for rows in texts for _, labs in rows for lab in labs})
         lab_ids = tok.tokenize(labels, add_special_tokens=False)
@@ -222,8 +223,8 @@ def generation_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, ma
         max_new = max(len(i) for i in lab_ids) + 2  # room for eos and one stray token
         lengths = tok.seq_lengths(prompts)
         answers: list[str] = [""] * len(prompts)
-        for w in sorted({_width(int(n), max_len - max_new) for n in lengths}):
-            rows = np.flatnonzero([_width(int(n), max_len - max_new) == w for n in lengths])
+        for w in sorted({padded_width(int(n), max_len - max_new) for n in lengths}):
+            rows = np.flatnonzero([padded_width(int(n), max_len - max_new) == w for n in lengths])
             enc = prompts_lib.PromptEncoder(tok, w + 1, 1, None)
             for s in range(0, len(rows), batch_size):
                 sel = rows[s:s + batch_size]
