@@ -319,8 +319,7 @@ class DecoderAdaptScorer(AdaptScorer):
         prompts = [p for p, _ in texts]
         targets = [labels[_support_label(eval_set, it)] for it, (_, labels) in zip(items, texts)]
         tok, eos = self.bb.tok, self.bb.eos_id
-        max_target = max(map(len, tok.tokenize(targets, add_special_tokens=False))) + (eos is not None)
-        max_target = -(-max_target // 8) * 8
+        max_target = decoder_methods.target_budget(tok, targets, eos)
         longest = max(map(len, tok.tokenize(prompts, add_special_tokens=True))) + max_target
         enc = prompts_lib.PromptEncoder(tok, decoder_methods.padded_width(longest, self.max_len), max_target, eos)
         e = enc.pairs(prompts, targets)

@@ -70,6 +70,13 @@ def item_texts(group: Sequence[EvalSet]) -> list[list[tuple[str, list[str]]]]:
     return out
 
 
+def target_budget(tok, targets: Sequence[str], eos_id: int | None) -> int:
+    """Target slots for ``targets`` (" label" strings): the longest one's tokens plus eos, rounded up
+    to a multiple of 8 (fewer distinct compiled shapes)."""
+    longest = max(map(len, tok.tokenize(list(targets), add_special_tokens=False))) + (eos_id is not None)
+    return -(-longest // 8) * 8
+
+
 def padded_width(n_tokens: int, max_len: int) -> int:
     """The smallest of the compiled widths (:data:`_WIDTHS`) that holds ``n_tokens``, capped at ``max_len``."""
     return min([w for w in _WIDTHS if w >= n_tokens] + [max_len])
@@ -135,9 +142,7 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
     def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
         texts = item_texts(group)
         items = [(prompt, labels) for rows in texts for prompt, labels in rows]
-        all_targets = [t for _, labels in items for t in labels]
-        max_target = max(map(len, tok.tokenize(all_targets, add_special_tokens=False))) + (eos_id is not None)
-        max_target = -(-max_target // 8) * 8  # round up: fewer distinct compiled shapes
+        max_target = target_budget(tok, [t for _, labels in items for t in labels], eos_id)
         enc = prompts_lib.PromptEncoder(tok, max_len, max_target, eos_id)
         full_prompts = tok.tokenize([p for p, _ in items], add_special_tokens=True)
         scores: list[np.ndarray | None] = [None] * len(items)

@@ -33,10 +33,17 @@ def rank_tools(embed_fn: EmbedFn, catalogue: records.Catalogue, queries: Sequenc
     emb = np.asarray(embed_fn(list(queries) + docs), np.float64)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     q, d = emb[:len(queries)], emb[len(queries):]
+    return _ranked(q @ d.T, [t.tool_id for t in catalogue.tools], top_k)
+
+
+def _ranked(scores, ids: Sequence[str], top_k: int | None) -> list[list[tuple[str, float]]]:
+    """Per row of ``scores`` (one per query, one value per tool), ``(tool_id, score)`` best first;
+    ties keep catalogue order."""
     out = []
-    for row in q @ d.T:
+    for row in scores:
+        row = np.asarray(row, np.float64)
         order = np.argsort(-row, kind="stable")[:top_k]
-        out.append([(catalogue.tools[i].tool_id, float(row[i])) for i in order])
+        out.append([(ids[i], float(row[i])) for i in order])
     return out
 
 
@@ -56,9 +63,4 @@ def rank_tools_by_scorer(scorer: Scorer, catalogue: records.Catalogue, queries: 
     ids = tuple(t.tool_id for t in catalogue.tools)
     items = tuple(EvalItem(f"query{i}", q, (), ids) for i, q in enumerate(queries))
     (scores,) = scorer([EvalSet("select", "select", catalogue, items)])
-    out = []
-    for row in scores:
-        row = np.asarray(row, np.float64)
-        order = np.argsort(-row, kind="stable")[:top_k]
-        out.append([(ids[i], float(row[i])) for i in order])
-    return out
+    return _ranked(scores, ids, top_k)

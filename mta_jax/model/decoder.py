@@ -260,29 +260,24 @@ def _check_inputs(cfg: DecoderConfig, ids, mask) -> None:
         raise ValueError(f"sequence length {ids.shape[1]} exceeds max_position={cfg.max_position}")
 
 
-def _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed):
-    """``lax.scan`` of :class:`DecoderBlock` over the leading layer axis (rematerialised if ``cfg.remat``)."""
-    block = DecoderBlock(cfg, scale)
+def _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed, cache=None, index=None):
+    """``lax.scan`` of :class:`DecoderBlock` over the leading layer axis (rematerialised if ``cfg.remat``).
 
-    def body(h, xs):
-        p, lo = xs
-        variables = {"params": p} if lo is None else {"params": p, "lora": lo}
-        return block.apply(variables, h, cos, sin, allowed), None
-
-    body = checkpoint_layer(body, cfg.remat)
-    return jax.lax.scan(body, x, (layers, lora_layers))[0]
-
-
-def _scan_layers_cached(cfg, layers, lora_layers, scale, x, cos, sin, allowed, cache, index):
-    """:func:`_scan_layers` for decoding: each layer also reads and writes its slice of ``cache``."""
+    With a ``cache`` (decoding, see :func:`decode`) each layer also reads and writes its slice of it,
+    nothing is rematerialised, and the result is ``(x, updated cache)``.
+    """
     block = DecoderBlock(cfg, scale)
 
     def body(h, xs):
         p, lo, c = xs
         variables = {"params": p} if lo is None else {"params": p, "lora": lo}
-        return block.apply(variables, h, cos, sin, allowed, c, index)
+        out = block.apply(variables, h, cos, sin, allowed, c, index)
+        return out if c is not None else (out, None)
 
-    return jax.lax.scan(body, x, (layers, lora_layers, cache))
+    if cache is None:
+        body = checkpoint_layer(body, cfg.remat)
+    x, cache = jax.lax.scan(body, x, (layers, lora_layers, cache))
+    return x if cache is None else (x, cache)
 
 
 def _rope(cfg: DecoderConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -295,18 +290,25 @@ def _rope(cfg: DecoderConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _stacks(cfg: DecoderConfig, params: dict, lora: LoRAParams | None) -> list[tuple[int, int, Any, float]]:
     """The layer stacks to scan in order: ``(first, stop, lora layers or None, lora scale)`` — the
     frozen bottom without LoRA variables (so XLA sees a plain dense stack), then the adapted top."""
-    if lora is None:
-        return [(0, cfg.num_layers, None, 1.0)]
-    _check_lora(params, lora)
-    split = cfg.num_layers - num_lora_layers(lora)
-    if split == cfg.num_layers:
-        return [(0, cfg.num_layers, None, 1.0)]
-    top = [(split, cfg.num_layers, lora.tree[LAYERS], lora.scale)]
-    return ([(0, split, None, 1.0)] if split > 0 else []) + top
+    n_lora = 0
+    if lora is not None:
+        _check_lora(params, lora)
+        n_lora = num_lora_layers(lora)
+    split = cfg.num_layers - n_lora
+    stacks = [(0, split, None, 1.0)] if split > 0 else []
+    if n_lora:
+        stacks.append((split, cfg.num_layers, lora.tree[LAYERS], lora.scale))
+    return stacks
 
 
 def _layer_slice(tree, first: int, stop: int, num_layers: int):
     return tree if (first, stop) == (0, num_layers) else jax.tree.map(lambda a: a[first:stop], tree)
+
+
+def mask_positions(mask: jax.Array) -> jax.Array:
+    """Rotary positions of a padded batch, ``cumsum(mask) - 1`` (0 on left padding), as HF computes
+    ``position_ids`` from the attention mask."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
 def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
@@ -333,7 +335,7 @@ def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Ar
     mask = mask.astype(bool)
     if positions is not None and positions.shape != ids.shape:
         raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
-    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) if positions is None else positions
+    pos = mask_positions(mask) if positions is None else positions
     cos, sin = _rope(cfg, pos)
     t = ids.shape[1]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
@@ -388,13 +390,11 @@ def decode(cfg: DecoderConfig, params: dict, ids: jax.Array, positions: jax.Arra
     slots = index + jnp.arange(t)
     allowed = (jnp.arange(size)[None, :] <= slots[:, None])[None] & key_mask.astype(bool)[:, None, :]
     x = jnp.take(params["embed"], ids, axis=0).astype(jnp.dtype(cfg.dtype))
-    new = []
     for first, stop, lora_layers, scale in _stacks(cfg, params, lora):
         layers = _layer_slice(params[LAYERS], first, stop, cfg.num_layers)
         part = _layer_slice(cache, first, stop, cfg.num_layers)
-        x, part = _scan_layers_cached(cfg, layers, lora_layers, scale, x, cos, sin, allowed, part, index)
-        new.append(part)
-    cache = new[0] if len(new) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *new)
+        x, part = _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed, part, index)
+        cache = jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, first, axis=0), cache, part)
     norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
     return norm.apply({"params": params["final_norm"]}, x), cache
 

@@ -42,9 +42,8 @@ def greedy(cfg: decoder.DecoderConfig, params: dict, ids: jax.Array, mask: jax.A
     # Generated slots are real keys; causality hides each one until it is written.
     key_mask = jnp.concatenate([mask, jnp.ones((b, n), jnp.int32)], axis=1)
     eos = -1 if eos_id is None else int(eos_id)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    h, cache = decoder.decode(cfg, params, jnp.asarray(ids, jnp.int32), positions, decoder.init_cache(cfg, b, p + n),
-                              0, key_mask, lora)
+    h, cache = decoder.decode(cfg, params, jnp.asarray(ids, jnp.int32), decoder.mask_positions(mask),
+                              decoder.init_cache(cfg, b, p + n), 0, key_mask, lora)
     length = jnp.sum(mask, axis=-1)  # the rotary position of the first generated token
 
     def cond(carry):
