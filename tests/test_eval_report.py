@@ -6,7 +6,8 @@ import pytest
 from mta_jax.eval import report
 
 GOOD = {
-    "metatool/test_sd": {"zero_shot": {"accuracy": 0.86, "std": 0.004, "n": 3423, "seeds": 5},
+    "metatool/test_sd": {"zero_shot": {"accuracy": 0.86, "std": 0.004, "n": 3423, "seeds": 5,
+                                       "protocol_seeds": [0, 1, 2, 3, 4]},
                          "bm25": {"accuracy": 0.5, "std": 0.01, "n": 3423, "seeds": 5, "seconds": 1.5}},
     "bfcl/multiple": {"zero_shot": {"accuracy": 0.975, "std": None, "n": 200}},
     "toy/pool": {"bm25": {"accuracy": 0.25, "std": None, "n": 4, "recall@5": 0.5, "ndcg@10": 0.4,
@@ -29,6 +30,8 @@ def test_roundtrip(tmp_path):
     (lambda r: r["toy/pool"]["bm25"].update({"recall@5": float("nan")}), "recall@5"),
     (lambda r: r["toy/pool"]["bm25"].update(skipped_empty_gold=-1), "skipped_empty_gold"),
     (lambda r: r.update({"x": [1]}), "'x'"),
+    (lambda r: r["metatool/test_sd"]["zero_shot"].update(protocol_seeds=[]), "protocol_seeds"),
+    (lambda r: r["metatool/test_sd"]["zero_shot"].update(protocol_seeds=[0.5]), "protocol_seeds"),
 ])
 def test_schema_catches_bad_file(tmp_path, mutate, field):
     bad = json.loads(json.dumps(GOOD))

@@ -12,14 +12,14 @@ SHIPPED_COUNTS = {"bfcl/multiple": 200, "bfcl/live_multiple": 1053, "seal_tools/
 
 @pytest.mark.parametrize("name, n", sorted(SHIPPED_COUNTS.items()))
 def test_shipped_set_counts(data_dir, name, n):
-    (s,) = sets.BUILTIN_SETS[name](data_dir)
+    (s,) = sets.BUILTIN_SETS[name](data_dir, sets.PROTOCOL_SEEDS)
     assert s.name == name and s.seed is None and len(s.items) == n and s.skipped_empty_gold == 0
     assert all(it.candidates and it.gold for it in s.items)
     assert len({it.id for it in s.items}) == n
 
 
 def test_api_bank_drops_get_user_token(data_dir):
-    (s,) = sets.BUILTIN_SETS["api_bank/level-1"](data_dir)
+    (s,) = sets.BUILTIN_SETS["api_bank/level-1"](data_dir, sets.PROTOCOL_SEEDS)
     assert not any("GetUserToken" in it.gold for it in s.items)
     assert sum(len(it.candidates) == 1 for it in s.items) == 105  # README §5
 
@@ -27,7 +27,7 @@ def test_api_bank_drops_get_user_token(data_dir):
 @pytest.mark.parametrize("dataset", ["metatool", "toollens"])
 def test_protocol_sets_match_stats(data_dir, dataset):
     stats = json.loads((data_dir / "protocol" / dataset / "stats.json").read_text())
-    group = sets.BUILTIN_SETS[f"{dataset}/test_sd"](data_dir)
+    group = sets.BUILTIN_SETS[f"{dataset}/test_sd"](data_dir, sets.PROTOCOL_SEEDS)
     assert [s.seed for s in group] == [0, 1, 2, 3, 4]
     for s in group:
         assert s.name == f"{dataset}/test_sd" and len(s.items) == stats["items_per_split"]["test"]
@@ -38,6 +38,17 @@ def test_protocol_sets_match_stats(data_dir, dataset):
     (val,) = sets.protocol_group(data_dir, dataset, "val", "cd", seeds=(3,))
     assert val.seed == 3 and len(val.items) == stats["items_per_split"]["val"]
     assert set(sets.BUILTIN_SETS) >= {f"{dataset}/{sp}_{rg}" for sp in ("val", "test") for rg in ("sd", "cd")}
+
+
+def test_build_sets_protocol_seed_subset(data_dir):
+    groups = sets.build_sets(["metatool/val_sd", "bfcl/multiple"], data_dir, seeds=(2, 0))
+    assert [s.seed for s in groups["metatool/val_sd"]] == [2, 0]
+    assert [s.seed for s in groups["bfcl/multiple"]] == [None]  # single sets have no seeds
+    full = sets.build_sets(["metatool/val_sd"], data_dir)["metatool/val_sd"]
+    assert [it.candidates for it in groups["metatool/val_sd"][1].items] == [it.candidates for it in full[0].items]
+    for bad in ((), (0, 5)):
+        with pytest.raises(ValueError, match="protocol seeds"):
+            sets.build_sets(["metatool/val_sd"], data_dir, seeds=bad)
 
 
 def _write(path, rows):

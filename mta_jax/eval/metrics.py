@@ -177,6 +177,8 @@ def aggregate(group: Sequence[EvalSet], per_set: Sequence[Mapping[str, float]]) 
     out: dict = {"accuracy": acc, "std": std, "n": ns.pop()}
     if len(group) > 1:
         out["seeds"] = len(group)
+    if group[0].seed is not None:
+        out["protocol_seeds"] = [s.seed for s in group]
     for key in (f"recall@{RECALL_K}", f"ndcg@{NDCG_K}"):
         if key in per_set[0]:
             out[key] = mean_std([m[key] for m in per_set])[0]

@@ -4,10 +4,12 @@ Schema::
 
     {eval_set: {method: {"accuracy": float in [0, 1], "std": float >= 0 | null, "n": int > 0,
                          "recall@5"?: float in [0, 1], "ndcg@10"?: float in [0, 1],
-                         "skipped_empty_gold"?: int >= 0, "seeds"?: int >= 2, "seconds"?: float >= 0}}}
+                         "skipped_empty_gold"?: int >= 0, "seeds"?: int >= 2, "seconds"?: float >= 0,
+                         "protocol_seeds"?: [int, ...]}}}
 
 ``std`` is the sample standard deviation over protocol seeds (see ``metrics.STD_DDOF``) and
-null for single-set rows; ``n`` is the number of items per seed.
+null for single-set rows; ``n`` is the number of items per seed; ``protocol_seeds`` lists the seed
+files a MetaTool / ToolLens row averages (all five unless ``eval.protocol_seeds`` chose fewer).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Sequence
 
 _UNIT = ("accuracy", "recall@5", "ndcg@10")  # fractions in [0, 1]
 _REQUIRED = ("accuracy", "std", "n")
-_OPTIONAL = ("recall@5", "ndcg@10", "skipped_empty_gold", "seeds", "seconds")
+_OPTIONAL = ("recall@5", "ndcg@10", "skipped_empty_gold", "seeds", "seconds", "protocol_seeds")
 
 
 class ResultsSchemaError(ValueError):
@@ -69,6 +71,10 @@ def validate_results(results, source: str = "results") -> None:
                                          f"{e['skipped_empty_gold']!r}: must be an integer >= 0")
             if "seeds" in e and not (_is_int(e["seeds"]) and e["seeds"] >= 2):
                 raise ResultsSchemaError(f"{where}['seeds'] = {e['seeds']!r}: must be an integer >= 2")
+            if "protocol_seeds" in e and not (isinstance(e["protocol_seeds"], list) and e["protocol_seeds"]
+                                              and all(_is_int(x) for x in e["protocol_seeds"])):
+                raise ResultsSchemaError(f"{where}['protocol_seeds'] = {e['protocol_seeds']!r}: must be a "
+                                         "non-empty list of integers")
             if "seconds" in e and not (_is_num(e["seconds"]) and e["seconds"] >= 0):
                 raise ResultsSchemaError(f"{where}['seconds'] = {e['seconds']!r}: must be a number >= 0")
 

