@@ -202,6 +202,28 @@ def test_deep_configs_are_the_defaults_with_the_measured_overrides():
         assert deep.to_dict() == base.to_dict(), name
 
 
+def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
+    """smollm2_{mta,ft} were measured as qwen2_mta plus these overrides (FT: pooled, same budget)."""
+    from mta_jax import config_files
+
+    base = config_files.load(REPO / "configs" / "qwen2_mta.py", "/ckpt")
+    overrides = {"steps": 100, "checkpoint_every": 50, "model.dtype": "float32", "tasks_per_step": 4,
+                 "episode.support": 2, "episode.query": 2, "data.query_len": 320, "lora.first_layer": 26,
+                 "outer.warmup": 10, "outer.lr": 1e-3, "eval.methods": ("zero_shot", "mta"),
+                 "eval.sets": ("metatool/val_sd", "toollens/val_sd"), "eval.protocol_seeds": (0,),
+                 "eval.batch_size": 16}
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = base
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    mta = config_files.load(REPO / "configs" / "smollm2_mta.py", "/ckpt")
+    assert mta.to_dict() == base.to_dict()
+    ft = config_files.load(REPO / "configs" / "smollm2_ft.py", "/ckpt")
+    assert config_files.ft_baseline(base).to_dict() == ft.to_dict()
+
+
 def test_default_xla_flags_never_override_the_users():
     from launch import _common
 
