@@ -374,8 +374,8 @@ def convert_to_hf(gguf_path: str | pathlib.Path, out_dir: str | pathlib.Path, *,
     out = pathlib.Path(out_dir)
     if (out / "config.json").exists():
         raise FileExistsError(f"{out}: already holds a config.json; choose an empty folder")
-    tensors = {k: v.astype(np.dtype(dtype) if dtype != "bfloat16" else ml_dtypes.bfloat16)
-               for k, v in hf_tensors(g, conf).items()}
+    store = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    tensors = {k: v.astype(store, copy=False) for k, v in hf_tensors(g, conf).items()}
     conf["torch_dtype"] = dtype
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(gguf_path)})
