@@ -11,9 +11,10 @@ config argument:
       --ft_workdir runs/smollm2_ft --methods=zero_shot,ft,mta
 Sized for 2 CPU cores: 4 tasks x (2 + 2) prompts of 320 tokens per step (85% of ToolLens prompts
 fit; MetaTool's all do), 100 steps, and evaluation on protocol seed 0 only (a decoder scores one
-prompt per item: ~0.3 s each here). Expected runtime (measured, session 16): ~12-15 s per MTA step
-alone (``launch/bench_decoder.py``), 60 min for the 100 steps beside the FT run (FT: 44 min);
-evaluation of one method on metatool/val_sd ~10 min alone (36 min beside two other jobs).
+prompt per item: ~0.3 s each here). Expected runtime (session 16): 11.7 s per MTA step alone at
+256 tokens (``launch/bench_decoder.py``; 320 is the default); measured 60 min for the 100 steps
+beside the FT run and an evaluation (FT: 44 min); one method on metatool/val_sd took 36 min beside
+two other jobs (~10 min alone, estimated from its FLOPs, not measured).
 Expected metric (training seed 0, protocol seed 0): metatool/val_sd zero_shot 28.5, ft 28.3, mta 27.4;
 bfcl/multiple 43.0 / 53.0 / 50.5 (BUILD_NOTES.md, "A real decoder at last").
 On a GPU, raise ``tasks_per_step``, the episode sizes and ``eval.protocol_seeds`` back to the
