@@ -96,7 +96,7 @@ def _tiny_hf(arch, tie):
     return model.eval()
 
 
-def _write_gguf(path, model, arch, qtype):
+def _write_gguf(path, model, arch, qtype, add_bos=False):
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -115,6 +115,7 @@ def _write_gguf(path, model, arch, qtype):
     w.add_token_merges(MERGES)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -196,6 +197,16 @@ def test_tokenizer_from_vocab_and_merges(tmp_path):
     assert (conf["eos_token"], conf["bos_token"], conf["add_bos_token"]) == ("<|im_end|>", "<|im_start|>", False)
 
 
+def test_tokenizer_prepends_bos_when_the_file_asks(tmp_path):
+    _write_gguf(tmp_path / "m.gguf", _tiny_hf("llama", True), "llama", Q.F32, add_bos=True)
+    gguf_io.convert_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    tok = Tokenizer.from_dir(tmp_path / "hf")
+    vocab = {t: i for i, t in enumerate(_vocab())}
+    assert tok.tokenize(["the"])[0] == [vocab["<|im_start|>"], vocab["t"], vocab["he"]]
+    assert tok.tokenize(["the"], add_special_tokens=False)[0] == [vocab["t"], vocab["he"]]
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tokenizer_equals_transformers_gguf_tokenizer(tmp_path, arch):
     _write_gguf(tmp_path / "m.gguf", _tiny_hf(arch, False), arch, Q.F32)
@@ -251,7 +262,7 @@ def _edited(tmp_path, arch="llama", **overrides):
         else:
             w.add_key_value(key, field.contents(), vtype)
     for key, value in overrides.items():
-        if value is not None and not key.startswith("tensor:"):
+        if not key.startswith("tensor:"):
             w.add_key_value(key, value, gguf.GGUFValueType.STRING)
     rename = {k[len("tensor:"):]: v for k, v in overrides.items() if k.startswith("tensor:")}
     for t in r.tensors:

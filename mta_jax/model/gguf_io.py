@@ -165,13 +165,13 @@ class GGUFFile:
 
 def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     """Flat float32 values of ``raw`` (uint8 bytes of whole blocks) of type ``ggml_type``, as ggml computes them."""
-    if ggml_type == 0:
+    name, _, nbytes = GGML_TYPES[ggml_type]
+    if name == "F32":
         return raw.view("<f4").astype(np.float32)
-    if ggml_type == 1:
+    if name == "F16":
         return raw.view("<f2").astype(np.float32)
-    if ggml_type == 30:
+    if name == "BF16":
         return raw.view("<u2").view(ml_dtypes.bfloat16).astype(np.float32)
-    name, block, nbytes = GGML_TYPES[ggml_type]
     blocks = raw.reshape(-1, nbytes)
     d = blocks[:, :2].copy().view("<f2").astype(np.float32)            # [nb, 1] scale
     if name == "Q8_0":
@@ -265,7 +265,6 @@ def hf_config(g: GGUFFile) -> dict:
         "rope_parameters": {"rope_type": "default",
                             "rope_theta": float(g.metadata.get(f"{arch}.rope.freq_base", 10000.0))},
         "tie_word_embeddings": "output.weight" not in g.tensors,
-        "torch_dtype": "float32",
     }
     for field in ("bos", "eos", "padding"):
         if f"tokenizer.ggml.{field}_token_id" in g.metadata:
