@@ -28,8 +28,12 @@
 #   main: the main job (launch/main.sh's train, train, eval without its pip install): its table
 #      against the CPU one in BUILD_NOTES.md (session 15: 182 s on an H100, the same table)
 #   long: minilm_{mta,ft}_long (20x the budget) with today's default rendering (compact_doc, 64
-#      tokens) for the seeds in LONG_SEEDS (default "0 1"), evaluated (ft, mta) on the val and test
-#      protocol sets: does MTA's 20x-budget edge over FT (session 5, full_name_desc) hold?
+#      tokens) for the seeds in LONG_SEEDS (default "0 1"), MTA and FT of a seed side by side; the
+#      workdirs come back as $OUT/long_s<seed>.tar.gz; evaluated (ft, mta) on the val and test
+#      protocol sets unless LONG_EVAL=0 (then evaluate the returned workdirs elsewhere, with the same
+#      fp16-rounded weights: the checkpoints record the base's fingerprint); LONG_ARGS adds config
+#      overrides (e.g. "--config.steps=2" for a smoke test): does MTA's 20x-budget edge over FT
+#      (session 5, full_name_desc) hold?
 # SECTIONS (default "qwen2 llama bench_meta math"; also "main", "long") picks which run, in the order given.
 # Everything goes to $OUT (logs, metrics.jsonl); a summary table is printed last.
 set -uo pipefail
@@ -108,22 +112,33 @@ main() {  # the main job, each stage time-limited; fp32 matmuls as on the CPU
   cp $r/minilm_mta/eval/results.json $r/minilm_mta/eval/results.md "$OUT/" 2>/dev/null
   unset JAX_DEFAULT_MATMUL_PRECISION
 }
-long() {  # 20x budget, current rendering; one seed after another (a shared GPU slows both)
+long() {  # 20x budget, current rendering: MTA and FT of a seed side by side, seeds one after another
   local r=/tmp/runs_long seed sets=metatool/val_sd,metatool/val_cd,toollens/val_sd,toollens/val_cd
   sets=$sets,metatool/test_sd,metatool/test_cd,toollens/test_sd,toollens/test_cd
   local over=(--config.data.doc_style=compact_doc --config.data.doc_len=64 --config.keep_checkpoints=1)
+  # shellcheck disable=SC2206
+  local extra=(${LONG_ARGS:-})
   export JAX_DEFAULT_MATMUL_PRECISION=highest
   for seed in ${LONG_SEEDS:-0 1}; do
-    log "long s$seed: mta_long, ft_long, eval (limits $(left 150) / 120 / 150 s)"
-    timeout "$(left 150)" python3 launch/train.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
-        --config.seed=$seed "${over[@]}" > "$OUT/long_mta_s$seed.log" 2>&1; log "long s$seed: mta exit $?"
-    timeout "$(left 120)" python3 launch/train.py --config configs/minilm_ft_long.py --workdir $r/ft_s$seed \
-        --config.seed=$seed "${over[@]}" > "$OUT/long_ft_s$seed.log" 2>&1; log "long s$seed: ft exit $?"
-    timeout "$(left 150)" python3 launch/eval.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
-        --ft_workdir $r/ft_s$seed --config.seed=$seed "${over[@]}" --methods=ft,mta --sets=$sets \
-        > "$OUT/long_eval_s$seed.log" 2>&1; log "long s$seed: eval exit $?"
-    for f in results.json results.md; do cp $r/mta_s$seed/eval/$f "$OUT/long_s${seed}_$f" 2>/dev/null; done
-    cat "$OUT/long_s${seed}_results.md" 2>/dev/null
+    log "long s$seed: mta_long and ft_long side by side (limit $(left 200) s)"
+    timeout "$(left 200)" python3 launch/train.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
+        --config.seed=$seed "${over[@]}" "${extra[@]}" > "$OUT/long_mta_s$seed.log" 2>&1 &
+    local p_mta=$!
+    timeout "$(left 200)" python3 launch/train.py --config configs/minilm_ft_long.py --workdir $r/ft_s$seed \
+        --config.seed=$seed "${over[@]}" "${extra[@]}" > "$OUT/long_ft_s$seed.log" 2>&1 &
+    local p_ft=$!
+    wait $p_mta; local e_mta=$?; wait $p_ft; local e_ft=$?
+    log "long s$seed: mta exit $e_mta, ft exit $e_ft"
+    # The workdirs come back (checkpoints are a few MB with keep_checkpoints=1), so a run whose
+    # evaluation did not fit the device time is evaluated on another machine with the same weights.
+    tar -C $r -czf "$OUT/long_s$seed.tar.gz" --exclude=eval mta_s$seed ft_s$seed
+    if [ "${LONG_EVAL:-1}" = 1 ]; then
+      timeout "$(left 150)" python3 launch/eval.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
+          --ft_workdir $r/ft_s$seed --config.seed=$seed "${over[@]}" --methods=ft,mta --sets=$sets \
+          > "$OUT/long_eval_s$seed.log" 2>&1; log "long s$seed: eval exit $?"
+      for f in results.json results.md; do cp $r/mta_s$seed/eval/$f "$OUT/long_s${seed}_$f" 2>/dev/null; done
+      cat "$OUT/long_s${seed}_results.md" 2>/dev/null
+    fi
   done
   unset JAX_DEFAULT_MATMUL_PRECISION
 }
