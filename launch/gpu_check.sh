@@ -27,13 +27,12 @@
 #   4. the math tests (closed form, finite differences in float64) on the GPU backend
 #   main: the main job (launch/main.sh's train, train, eval without its pip install): its table
 #      against the CPU one in BUILD_NOTES.md (session 15: 182 s on an H100, the same table)
-#   long: minilm_{mta,ft}_long (20x the budget) with today's default rendering (compact_doc, 64
-#      tokens) for the seeds in LONG_SEEDS (default "0 1"), MTA and FT of a seed side by side; the
-#      workdirs come back as $OUT/long_s<seed>.tar.gz; evaluated (ft, mta) on the val and test
-#      protocol sets unless LONG_EVAL=0 (then evaluate the returned workdirs elsewhere, with the same
-#      fp16-rounded weights: the checkpoints record the base's fingerprint); LONG_ARGS adds config
-#      overrides (e.g. "--config.steps=2" for a smoke test): does MTA's 20x-budget edge over FT
-#      (session 5, full_name_desc) hold?
+#   long: minilm_{mta,ft}_long (20x the budget, the default rendering) for the seeds in LONG_SEEDS
+#      (default "0 1"), MTA and FT of a seed side by side, then (unless LONG_EVAL=0) ft, mta, ft:0.5,
+#      mta:0.5 of every seed side by side on the val, test and shipped-candidate sets (plus zero-shot
+#      once); logs, results and workdirs come back as $OUT/long.tar.gz. LONG_ARGS adds config
+#      overrides and LONG_SETS replaces the sets (a smoke test: "--config.steps=2", "bfcl/multiple"). Session 17: five seeds trained in 270 s,
+#      evaluated in ~80 s (BUILD_NOTES.md, "Twenty times the budget with the default rendering").
 # SECTIONS (default "qwen2 llama bench_meta math"; also "main", "long") picks which run, in the order given.
 # Everything goes to $OUT (logs, metrics.jsonl); a summary table is printed last.
 set -uo pipefail
@@ -112,34 +111,43 @@ main() {  # the main job, each stage time-limited; fp32 matmuls as on the CPU
   cp $r/minilm_mta/eval/results.json $r/minilm_mta/eval/results.md "$OUT/" 2>/dev/null
   unset JAX_DEFAULT_MATMUL_PRECISION
 }
-long() {  # 20x budget, current rendering: MTA and FT of a seed side by side, seeds one after another
-  local r=/tmp/runs_long seed sets=metatool/val_sd,metatool/val_cd,toollens/val_sd,toollens/val_cd
-  sets=$sets,metatool/test_sd,metatool/test_cd,toollens/test_sd,toollens/test_cd
-  local over=(--config.data.doc_style=compact_doc --config.data.doc_len=64 --config.keep_checkpoints=1)
+long() {  # 20x budget: MTA and FT of a seed side by side, seeds in turn; then every evaluation at once
+  local r=/tmp/runs_long L="$OUT/long" seed pids=()
+  local sets=metatool/val_sd,metatool/val_cd,toollens/val_sd,toollens/val_cd,metatool/test_sd,metatool/test_cd
+  sets=$sets,toollens/test_sd,toollens/test_cd,bfcl/multiple,bfcl/live_multiple,seal_tools/dev
+  sets=${LONG_SETS:-$sets,seal_tools/test_in_domain,api_bank/level-1}
   # shellcheck disable=SC2206
-  local extra=(${LONG_ARGS:-})
+  local extra=(--config.keep_checkpoints=1 ${LONG_ARGS:-})
+  mkdir -p "$L"
   export JAX_DEFAULT_MATMUL_PRECISION=highest
   for seed in ${LONG_SEEDS:-0 1}; do
     log "long s$seed: mta_long and ft_long side by side (limit $(left 200) s)"
     timeout "$(left 200)" python3 launch/train.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
-        --config.seed=$seed "${over[@]}" "${extra[@]}" > "$OUT/long_mta_s$seed.log" 2>&1 &
+        --config.seed=$seed "${extra[@]}" > "$L/mta_s$seed.log" 2>&1 &
     local p_mta=$!
     timeout "$(left 200)" python3 launch/train.py --config configs/minilm_ft_long.py --workdir $r/ft_s$seed \
-        --config.seed=$seed "${over[@]}" "${extra[@]}" > "$OUT/long_ft_s$seed.log" 2>&1 &
+        --config.seed=$seed "${extra[@]}" > "$L/ft_s$seed.log" 2>&1 &
     local p_ft=$!
     wait $p_mta; local e_mta=$?; wait $p_ft; local e_ft=$?
     log "long s$seed: mta exit $e_mta, ft exit $e_ft"
-    # The workdirs come back (checkpoints are a few MB with keep_checkpoints=1), so a run whose
-    # evaluation did not fit the device time is evaluated on another machine with the same weights.
-    tar -C $r -czf "$OUT/long_s$seed.tar.gz" --exclude=eval mta_s$seed ft_s$seed
-    if [ "${LONG_EVAL:-1}" = 1 ]; then
-      timeout "$(left 150)" python3 launch/eval.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
-          --ft_workdir $r/ft_s$seed --config.seed=$seed "${over[@]}" --methods=ft,mta --sets=$sets \
-          > "$OUT/long_eval_s$seed.log" 2>&1; log "long s$seed: eval exit $?"
-      for f in results.json results.md; do cp $r/mta_s$seed/eval/$f "$OUT/long_s${seed}_$f" 2>/dev/null; done
-      cat "$OUT/long_s${seed}_results.md" 2>/dev/null
-    fi
   done
+  if [ "${LONG_EVAL:-1}" = 1 ]; then
+    log "long: evaluations of every seed side by side (limit $(left 200) s)"
+    for seed in ${LONG_SEEDS:-0 1}; do
+      local m=ft,mta,ft:0.5,mta:0.5
+      [ "$seed" = "$(echo ${LONG_SEEDS:-0 1} | cut -d' ' -f1)" ] && m=zero_shot,zero_shot@compact_doc,$m
+      timeout "$(left 200)" python3 launch/eval.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
+          --ft_workdir $r/ft_s$seed --config.seed=$seed "${extra[@]}" --methods=$m --sets=$sets \
+          --out_dir "$L/eval_s$seed" > "$L/eval_s$seed.log" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"; log "long: evaluations done"
+    for seed in ${LONG_SEEDS:-0 1}; do cat "$L/eval_s$seed/results.md" 2>/dev/null; done
+  fi
+  # One archive: the device returns at most 8 files. The workdirs travel too (a few MB with
+  # keep_checkpoints=1), so runs whose evaluation did not fit are evaluated elsewhere with the same
+  # fp16-rounded weights (their checkpoints record the base's fingerprint).
+  tar -C $r -cf - --exclude=eval . | tar -C "$L" -xf - && tar -C "$OUT" -czf "$OUT/long.tar.gz" long && rm -rf "$L"
   unset JAX_DEFAULT_MATMUL_PRECISION
 }
 for section in $SECTIONS; do
