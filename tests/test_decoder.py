@@ -303,6 +303,33 @@ def test_positions_and_segments_must_match_the_ids():
         decoder.hidden_states(TINY, params, ids, ids, segments=jnp.zeros((5,), jnp.int32))
 
 
+def test_shared_bottom_then_top_equals_the_whole_forward():
+    """bottom_states(stop) continued by hidden_states(bottom=...) equals hidden_states over all layers,
+    with and without LoRA (which must start at or above stop), with packed segments and positions."""
+    ids, mask = _batch(3, vocab=TINY.vocab_size)
+    segments = jnp.asarray(np.repeat([[0] * 6 + [1] * 3 + [2] * 3], 3, axis=0))
+    positions = jnp.asarray(np.repeat([list(range(6)) + [6, 7, 8] * 2], 3, axis=0))
+    hidden = jax.jit(decoder.hidden_states, static_argnums=0)
+    bottom = jax.jit(decoder.bottom_states, static_argnums=(0, 4))
+    cont = jax.jit(lambda p, i, m, lo, x, pos, seg, stop: decoder.hidden_states(
+        TINY, p, i, m, lo, positions=pos, segments=seg, bottom=(x, stop)), static_argnums=7)
+    for first in (1, 2, None):
+        params, lora = _tiny(first_layer=first or 0, b_std=0.1)
+        lora = None if first is None else lora
+        for pos, seg in ((None, None), (positions, segments)):
+            want = np.asarray(hidden(TINY, params, ids, mask, lora, positions=pos, segments=seg))
+            for stop in range(0, (first or TINY.num_layers) + 1):
+                x = bottom(TINY, params, ids, mask, stop, positions=pos, segments=seg)
+                got = np.asarray(cont(params, ids, mask, lora, x, pos, seg, stop))
+                np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"LoRA from {first}, stop {stop}")
+    params, lora = _tiny(first_layer=1, b_std=0.1)
+    x = decoder.bottom_states(TINY, params, ids, mask, 2)
+    with pytest.raises(ValueError, match="LoRA starts at layer 1, below the shared bottom's 2 layers"):
+        decoder.hidden_states(TINY, params, ids, mask, lora, bottom=(x, 2))
+    with pytest.raises(ValueError, match=r"stop=4 is outside \[0, 3\]"):
+        decoder.bottom_states(TINY, params, ids, mask, 4)
+
+
 @pytest.mark.parametrize("first_layer, use_lora", [(0, True), (2, True), (0, False)],
                          ids=["lora_all", "lora_top1", "no_lora"])
 def test_cached_decode_equals_full_forward(first_layer, use_lora):

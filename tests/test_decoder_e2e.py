@@ -333,11 +333,9 @@ def test_random_presets_have_the_real_shapes_in_the_run_dtype(monkeypatch):
         workloads.load_decoder_backbone("random:small", "float32", False)
 
 
-def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
-    """All of an item's candidates scored in one row (prompt once, then each target in its own
-    segment) give the scores of one (prompt, target) row each; items too long to pack take the
-    per-candidate path, cut from the front exactly like it."""
-    _, cfg, base, tok, eos = backbone
+def _packing_items(tok):
+    """Three items and a ``max_len`` at which item a packs, b fits only one candidate per row and c
+    is cut from the front: ``(eval_set, max_len, texts, prompt lengths, target lengths)``."""
     words = "please find me the tool that can help with this request about".split()
     queries = [" ".join(words[:4]), " ".join(words * 2), " ".join(words * 6)]
     items = [EvalItem("a", queries[0], ("t1",), ("t0", "t1", "t2")),
@@ -350,6 +348,15 @@ def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
     max_len = prompt_len[1] + max(target_len[1])  # b fits alone, not packed; c is cut; a packs
     assert prompt_len[0] + sum(target_len[0]) <= max_len < prompt_len[1] + sum(target_len[1])
     assert prompt_len[2] + min(target_len[2]) > max_len
+    return eval_set, max_len, texts, prompt_len, target_len
+
+
+def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
+    """All of an item's candidates scored in one row (prompt once, then each target in its own
+    segment) give the scores of one (prompt, target) row each; items too long to pack take the
+    per-candidate path, cut from the front exactly like it."""
+    _, cfg, base, tok, eos = backbone
+    eval_set, max_len, texts, prompt_len, target_len = _packing_items(tok)
     packed = []
     real_pack = decoder_methods._pack
     monkeypatch.setattr(decoder_methods, "_pack", lambda prompt, *a: packed.append(prompt) or real_pack(prompt, *a))
@@ -365,6 +372,39 @@ def test_packed_candidates_equal_one_row_per_candidate(backbone, monkeypatch):
             np.testing.assert_allclose(got, ref, rtol=2e-5)
         assert e.truncated.all()  # item c's rows were cut from the front
     assert [len(p) for p in packed] == [prompt_len[0]] * 2  # only item a was packed (once per call)
+
+
+def test_shared_bottom_scorers_equal_each_method_alone(backbone):
+    """Several adapters scored over one frozen-bottom pass give each adapter's own constrained
+    scores (packed, per-candidate and cut rows; total and @norm), whichever member asks first."""
+    _, cfg, base, tok, eos = backbone
+    eval_set, max_len, _, _, _ = _packing_items(tok)
+
+    def adapter(first_layer, seed):
+        lcfg = lora_lib.LoRAConfig(rank=4, alpha=8.0, targets=r"layers/attn/(q|v)/kernel", first_layer=first_layer)
+        lo = lora_lib.init_lora(jax.random.key(seed), base, lcfg)
+        leaves, tdef = jax.tree.flatten(lo.tree)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return lora_lib.LoRAParams(jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape)
+                                                              for x, k in zip(leaves, keys)]), lo.scale)
+
+    top, lower = adapter(cfg.num_layers - 1, 3), adapter(cfg.num_layers - 2, 5)
+    members = {"zero_shot": (None, False), "top": (top, False), "top@norm": (top, True), "lower": (lower, False)}
+    shared = decoder_methods.SharedBottomScorers(cfg, base, tok, eos_id=eos, max_len=max_len, batch_size=8)
+    scorers = {m: shared.scorer(m, lo, normalize=n) for m, (lo, n) in members.items()}
+    assert decoder_methods.shared_split(cfg, [lo for lo, _ in members.values()]) == cfg.num_layers - 2
+    group = (eval_set,)
+    for m in ("lower", "zero_shot", "top@norm", "top"):  # not the registration order
+        got = scorers[m](group)[0]
+        lo, n = members[m]
+        want = decoder_methods.constrained_scorer(cfg, base, tok, lo, eos_id=eos, max_len=max_len, batch_size=8,
+                                                  normalize=n)([eval_set])[0]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=2e-5, err_msg=m)
+    assert not shared._pending  # every member took its scores
+    alone = [decoder_methods.constrained_scorer(cfg, base, tok, lo, eos_id=eos, max_len=max_len, batch_size=8)(
+        [eval_set])[0][0] for lo in (None, top, lower)]
+    assert min(np.abs(a - b).max() for a in alone for b in alone if a is not b) > 1e-2  # the adapters differ
 
 
 @pytest.fixture(scope="module")

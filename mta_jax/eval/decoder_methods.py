@@ -82,19 +82,41 @@ def padded_width(n_tokens: int, max_len: int) -> int:
     return min([w for w in _WIDTHS if w >= n_tokens] + [max_len])
 
 
-def _packed_logprobs(cfg, base, lora, ids, mask, positions, segments, tok_idx, prev_idx, valid):
+def _packed_logprobs(cfg, base, lora, ids, mask, positions, segments, tok_idx, prev_idx, valid, bottom=None):
     """Per candidate, the summed log-probability of its tokens and their count, ``[B, C]`` each.
 
     A row holds one prompt (segment 0) followed by every candidate's target (segment ``c + 1``);
     ``tok_idx[b, c, j]`` is the column of candidate ``c``'s ``j``-th token and ``prev_idx`` the
-    column whose hidden state predicts it (the prompt's last token for ``j = 0``).
+    column whose hidden state predicts it (the prompt's last token for ``j = 0``). ``bottom``: shared
+    frozen-bottom states (``decoder.hidden_states``).
     """
     b, c, k = tok_idx.shape
-    h = decoder.hidden_states(cfg, base, ids, mask, lora, positions=positions, segments=segments)
+    h = decoder.hidden_states(cfg, base, ids, mask, lora, positions=positions, segments=segments, bottom=bottom)
     tokens = jnp.take_along_axis(ids, tok_idx.reshape(b, c * k), axis=1)
     logp, _ = losses.predicted_logprobs(cfg, base, h, prev_idx.reshape(b, c * k), tokens)
     logp = jnp.where(valid, logp.reshape(b, c, k), 0.0)
     return jnp.sum(logp, axis=-1), jnp.sum(valid, axis=-1)
+
+
+def shared_split(cfg, loras) -> int:
+    """The number of bottom layers that no adapter in ``loras`` touches (``None`` = the base model)."""
+    return min([cfg.num_layers] + [cfg.num_layers - decoder.num_lora_layers(lo) for lo in loras if lo is not None])
+
+
+def _packed_multi(cfg, split, base, loras, ids, mask, positions, segments, tok_idx, prev_idx, valid):
+    """:func:`_packed_logprobs` of every adapter in ``loras`` over one shared bottom: ``[M, B, C]`` totals, ``[B, C]`` counts."""
+    x = decoder.bottom_states(cfg, base, ids, mask, split, positions=positions, segments=segments)
+    outs = [_packed_logprobs(cfg, base, lo, ids, mask, positions, segments, tok_idx, prev_idx, valid, (x, split))
+            for lo in loras]
+    return jnp.stack([total for total, _ in outs]), outs[0][1]
+
+
+def _single_multi(cfg, split, max_target, base, loras, ids, mask, target_mask):
+    """``losses.target_token_logprobs`` of every adapter over one shared bottom: ``[M, B, K]`` log-probs, ``[B, K]`` valid."""
+    x = decoder.bottom_states(cfg, base, ids, mask, split)
+    outs = [losses.target_token_logprobs(cfg, base, lo, ids, mask, target_mask, max_target, bottom=(x, split))
+            for lo in loras]
+    return jnp.stack([logp for logp, _, _ in outs]), outs[0][2]
 
 
 def _pack(prompt: list[int], targets: list[list[int]], width: int, n_cand: int, max_target: int, pad_id: int):
@@ -126,6 +148,7 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
     (:func:`mta_jax.model.decoder.hidden_states` ``segments``), so scores equal one row per
     candidate (tested) for ``P + sum |target|`` tokens instead of ``C (P + |target|)``. Items whose
     packed row would exceed ``max_len`` get one row per candidate, the prompt cut from the front.
+    Several adapters on the same items: :class:`SharedBottomScorers`.
 
     Args:
       cfg, base, tok: the decoder, its weights and tokenizer.
@@ -136,16 +159,63 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
         ``batch_size // C`` items, so both project as many positions to the vocabulary.
       normalize: divide by the number of target tokens (the ``@norm`` variant).
     """
-    fn = jax.jit(losses.target_token_logprobs, static_argnums=(0, 6))
-    packed_fn = jax.jit(_packed_logprobs, static_argnums=(0,))
+    shared = SharedBottomScorers(cfg, base, tok, eos_id=eos_id, max_len=max_len, batch_size=batch_size)
+    return shared.scorer("", lora, normalize=normalize)
 
-    def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
+
+class SharedBottomScorers:
+    """:func:`constrained_scorer` for several adapters on the same items, running the frozen bottom once.
+
+    The methods of one evaluation (``zero_shot``, ``ft``, ``mta`` and their ``@norm`` variants) see
+    the same prompts and candidates and differ only in the LoRA layers at the top (none for
+    zero-shot). Each batch runs the layers below every member's lowest LoRA layer once
+    (:func:`mta_jax.model.decoder.bottom_states`) and then each member's top, in one compiled call;
+    each member's scores equal those of its own :func:`constrained_scorer` (tested).
+
+    Register every member with :meth:`scorer` before scoring. The first member called on a group
+    scores it for all members and keeps the others' scores until they ask for them
+    (``metrics.evaluate`` runs a set's methods one after another), so that member's logged time
+    includes the others'.
+    """
+
+    def __init__(self, cfg, base: dict, tok, *, eos_id: int | None, max_len: int, batch_size: int):
+        self.cfg, self.base, self.tok = cfg, base, tok
+        self.eos_id, self.max_len, self.batch_size = eos_id, max_len, batch_size
+        self._members: dict[str, tuple] = {}   # name -> (lora, normalize)
+        self._pending: dict[tuple, tuple] = {}  # group key -> (group, {name: scores not yet taken})
+        self._packed = jax.jit(_packed_multi, static_argnums=(0, 1))
+        self._single = jax.jit(_single_multi, static_argnums=(0, 1, 2))
+
+    def scorer(self, name: str, lora=None, *, normalize: bool = False) -> Scorer:
+        """Registers a member and returns its scorer."""
+        if name in self._members:
+            raise ValueError(f"SharedBottomScorers: member {name!r} registered twice")
+        self._members[name] = (lora, normalize)
+
+        def score(group: Sequence[EvalSet]) -> list[list[np.ndarray]]:
+            key = tuple(map(id, group))
+            if key not in self._pending or name not in self._pending[key][1]:
+                self._pending[key] = (tuple(group), self.score_all(group))
+            results = self._pending[key][1]
+            out = results.pop(name)
+            if not results:
+                del self._pending[key]
+            return out
+        return score
+
+    def score_all(self, group: Sequence[EvalSet]) -> dict[str, list[list[np.ndarray]]]:
+        """Every member's scores on ``group``: ``{name: per set, per item, scores in candidate order}``."""
+        cfg, base, tok, max_len, batch_size = self.cfg, self.base, self.tok, self.max_len, self.batch_size
+        names = list(self._members)
+        loras = tuple(self._members[n][0] for n in names)
+        norms = [self._members[n][1] for n in names]
+        split = shared_split(cfg, loras)
         texts = item_texts(group)
         items = [(prompt, labels) for rows in texts for prompt, labels in rows]
-        max_target = target_budget(tok, [t for _, labels in items for t in labels], eos_id)
-        enc = prompts_lib.PromptEncoder(tok, max_len, max_target, eos_id)
+        max_target = target_budget(tok, [t for _, labels in items for t in labels], self.eos_id)
+        enc = prompts_lib.PromptEncoder(tok, max_len, max_target, self.eos_id)
         full_prompts = tok.tokenize([p for p, _ in items], add_special_tokens=True)
-        scores: list[np.ndarray | None] = [None] * len(items)
+        scores = [[None] * len(items) for _ in names]
         packed, single = [], []
         for i, (prompt, labels) in enumerate(items):
             targets = enc.target_ids(labels)
@@ -160,41 +230,45 @@ def constrained_scorer(cfg, base: dict, tok, lora=None, *, eos_id: int | None, m
                 sel = rows[s:s + per_call]
                 arrs = [_pack(full_prompts[i], t, w, n_cand, max_target, tok.pad_id) for i, t in sel]
                 arrs += [arrs[0]] * (per_call - len(sel))  # padding rows: copies, never read
-                total, count = packed_fn(cfg, base, lora, *map(np.stack, zip(*arrs)))
+                total, count = self._packed(cfg, split, base, loras, *map(np.stack, zip(*arrs)))
                 total, count = np.asarray(total, np.float64), np.asarray(count)
-                for r, (i, t) in enumerate(sel):
-                    k = len(t)
-                    scores[i] = total[r, :k] / count[r, :k] if normalize else total[r, :k]
+                for m, norm in enumerate(norms):
+                    for r, (i, t) in enumerate(sel):
+                        k = len(t)
+                        scores[m][i] = total[m, r, :k] / count[r, :k] if norm else total[m, r, :k]
         # Items too long to pack: one (cut prompt, target) row per candidate.
         prompts_, targets_, first = [], [], []
         for i, _, _ in single:
             first.append(len(prompts_))
             prompts_ += [items[i][0]] * len(items[i][1])
             targets_ += items[i][1]
-        flat = np.zeros(len(prompts_))
+        flat = np.zeros((len(names), len(prompts_)))
         lengths = [len(full_prompts[i]) + max_target for i, _, _ in single for _ in items[i][1]]
         for w in sorted({padded_width(int(n), max_len) for n in lengths}):
             rows = np.flatnonzero([padded_width(int(n), max_len) == w for n in lengths])
-            wenc = prompts_lib.PromptEncoder(tok, w, max_target, eos_id)
+            wenc = prompts_lib.PromptEncoder(tok, w, max_target, self.eos_id)
             for s in range(0, len(rows), batch_size):
                 sel = rows[s:s + batch_size]
                 e = wenc.pairs([prompts_[i] for i in sel], [targets_[i] for i in sel])
                 pad = batch_size - len(sel)
                 arrs = [np.pad(a, ((0, pad), (0, 0))) for a in (e.ids, e.mask, e.target_mask)]
                 arrs[2][len(sel):, -1] = 1  # padding rows get a dummy target (never read)
-                logp, _, valid = fn(cfg, base, lora, *arrs, max_target)
-                total = np.asarray(logp, np.float64).sum(-1)[:len(sel)]
-                if normalize:
-                    total = total / np.asarray(valid).sum(-1)[:len(sel)]
-                flat[sel] = total
+                logp, valid = self._single(cfg, split, max_target, base, loras, *arrs)
+                total = np.asarray(logp, np.float64).sum(-1)[:, :len(sel)]
+                count = np.asarray(valid).sum(-1)[:len(sel)]
+                for m, norm in enumerate(norms):
+                    flat[m, sel] = total[m] / count if norm else total[m]
         for (i, _, _), f in zip(single, first):
-            scores[i] = flat[f:f + len(items[i][1])]
-        out, k = [], 0
-        for rows in texts:
-            out.append(scores[k:k + len(rows)])
-            k += len(rows)
+            for m in range(len(names)):
+                scores[m][i] = flat[m, f:f + len(items[i][1])]
+        out = {}
+        for m, name in enumerate(names):
+            per_set, k = [], 0
+            for rows in texts:
+                per_set.append(scores[m][k:k + len(rows)])
+                k += len(rows)
+            out[name] = per_set
         return out
-    return score
 
 
 def answer_scores(answer: str, labels: Sequence[str]) -> np.ndarray:

@@ -84,7 +84,8 @@ class BiEncoderLoss:
 
 
 def target_token_logprobs(cfg: decoder.DecoderConfig, base: dict, lora, ids: jax.Array, mask: jax.Array,
-                          target_mask: jax.Array, max_target: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          target_mask: jax.Array, max_target: int, *,
+                          bottom: tuple[jax.Array, int] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Log-probabilities of the first ``max_target`` target tokens of each sequence.
 
     Only the positions predicting a target token are projected to the vocabulary (``max_target``
@@ -95,6 +96,7 @@ def target_token_logprobs(cfg: decoder.DecoderConfig, base: dict, lora, ids: jax
       ids, mask, target_mask: ``[B, T]``; ``target_mask`` marks the target span (never token 0).
       max_target: static upper bound on target tokens per row (extra ones are ignored, so callers
         must check it on the host).
+      bottom: shared frozen-bottom states of ``ids`` / ``mask`` (see ``decoder.hidden_states``).
 
     Returns:
       ``(logp, correct, valid)``, each ``[B, max_target]``: log p of each target token, whether it
@@ -105,7 +107,7 @@ def target_token_logprobs(cfg: decoder.DecoderConfig, base: dict, lora, ids: jax
     pos = jnp.argsort(~tm, axis=-1, stable=True)[:, :max_target]
     valid = jnp.take_along_axis(tm, pos, axis=-1)
     tokens = jnp.take_along_axis(ids, pos, axis=-1)
-    h = decoder.hidden_states(cfg, base, ids, mask, lora)
+    h = decoder.hidden_states(cfg, base, ids, mask, lora, bottom=bottom)
     logp, logits = predicted_logprobs(cfg, base, h, jnp.maximum(pos - 1, 0), tokens)  # t-1 predicts t
     correct = jnp.argmax(logits, axis=-1) == tokens
     return jnp.where(valid, logp, 0.0), correct, valid

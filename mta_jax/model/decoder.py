@@ -311,9 +311,46 @@ def mask_positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def _attention_inputs(cfg: DecoderConfig, ids, mask, positions, segments):
+    """``(cos, sin, allowed)`` of a batch: rotary tables and the ``(B, T, S)`` visibility mask."""
+    _check_inputs(cfg, ids, mask)
+    mask = mask.astype(bool)
+    if positions is not None and positions.shape != ids.shape:
+        raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
+    pos = mask_positions(mask) if positions is None else positions
+    cos, sin = _rope(cfg, pos)
+    t = ids.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    allowed = causal[None] & mask[:, None, :]  # (b, t, s)
+    if segments is not None:
+        if segments.shape != ids.shape:
+            raise ValueError(f"segments {segments.shape} must match ids {ids.shape}")
+        seen = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+        allowed = allowed & seen
+    return cos, sin, allowed
+
+
+def bottom_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array, stop: int, *,
+                  positions: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
+    """The residual stream after the first ``stop`` layers, without LoRA or final norm, ``(B, T, D)``.
+
+    What :func:`hidden_states` takes as ``bottom=(x, stop)``: adapters whose LoRA starts at or above
+    layer ``stop`` (and the base model) all continue from it, so an evaluation of several methods
+    runs the frozen bottom once. Arguments as in :func:`hidden_states`; ``stop`` is static.
+    """
+    if not 0 <= stop <= cfg.num_layers:
+        raise ValueError(f"bottom_states: stop={stop} is outside [0, {cfg.num_layers}]")
+    cos, sin, allowed = _attention_inputs(cfg, ids, mask, positions, segments)
+    x = jnp.take(params["embed"], ids, axis=0).astype(jnp.dtype(cfg.dtype))
+    if stop:
+        layers = _layer_slice(params[LAYERS], 0, stop, cfg.num_layers)
+        x = _scan_layers(cfg, layers, None, 1.0, x, cos, sin, allowed)
+    return x
+
+
 def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Array,
                   lora: LoRAParams | None = None, *, positions: jax.Array | None = None,
-                  segments: jax.Array | None = None) -> jax.Array:
+                  segments: jax.Array | None = None, bottom: tuple[jax.Array, int] | None = None) -> jax.Array:
     """Final-norm hidden states ``(B, T, D)`` in ``cfg.dtype``.
 
     Args:
@@ -329,24 +366,24 @@ def hidden_states(cfg: DecoderConfig, params: dict, ids: jax.Array, mask: jax.Ar
         is seen only by later tokens of segment ``k``. With ``positions`` restarting at the prefix
         length for each segment, every continuation gets the hidden states it would get alone
         after the prefix (``mta_jax.eval.decoder_methods`` scores all candidates in one row so).
+      bottom: ``(x, stop)`` from :func:`bottom_states` of the same ``ids`` / ``mask`` /
+        ``positions`` / ``segments`` (``stop`` static): layers below ``stop`` are not run again.
+        The LoRA must start at or above ``stop``.
     """
-    _check_inputs(cfg, ids, mask)
-    dtype = jnp.dtype(cfg.dtype)
-    mask = mask.astype(bool)
-    if positions is not None and positions.shape != ids.shape:
-        raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
-    pos = mask_positions(mask) if positions is None else positions
-    cos, sin = _rope(cfg, pos)
-    t = ids.shape[1]
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    allowed = causal[None] & mask[:, None, :]  # (b, t, s)
-    if segments is not None:
-        if segments.shape != ids.shape:
-            raise ValueError(f"segments {segments.shape} must match ids {ids.shape}")
-        seen = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
-        allowed = allowed & seen
-    x = jnp.take(params["embed"], ids, axis=0).astype(dtype)
+    cos, sin, allowed = _attention_inputs(cfg, ids, mask, positions, segments)
+    if bottom is None:
+        x, start = jnp.take(params["embed"], ids, axis=0).astype(jnp.dtype(cfg.dtype)), 0
+    else:
+        x, start = bottom
+        if x.shape != (*ids.shape, cfg.hidden_size):
+            raise ValueError(f"bottom states {x.shape} do not match ids {ids.shape} and hidden size {cfg.hidden_size}")
     for first, stop, lora_layers, scale in _stacks(cfg, params, lora):
+        if stop <= start:
+            continue
+        if first < start:
+            if lora_layers is not None:
+                raise ValueError(f"the LoRA starts at layer {first}, below the shared bottom's {start} layers")
+            first = start
         layers = _layer_slice(params[LAYERS], first, stop, cfg.num_layers)
         x = _scan_layers(cfg, layers, lora_layers, scale, x, cos, sin, allowed)
     norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))

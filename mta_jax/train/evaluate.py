@@ -199,10 +199,12 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
     A ``@norm`` or ``@gen`` suffix picks the variant (see :mod:`mta_jax.eval.decoder_methods`);
     ``random``/``bm25`` need no model. ``mta_adapt`` / ``ft_adapt`` (k-shot) and ``mta_docs`` /
     ``ft_docs`` adapt as for the encoder (:class:`mta_jax.eval.adapt.DecoderAdaptScorer`) and take the
-    same suffixes; ``mta_tta`` / ``ft_tta`` (entropy on unlabelled queries) are encoder-only.
+    same suffixes; ``mta_tta`` / ``ft_tta`` (entropy on unlabelled queries) are encoder-only. The
+    constrained methods share one frozen-bottom pass per batch
+    (:class:`mta_jax.eval.decoder_methods.SharedBottomScorers`).
     """
     bb = workloads.load_decoder_backbone(config.model.path, config.model.dtype, False)
-    scorers, restored, runs = {}, {}, {}
+    scorers, restored, runs, shared = {}, {}, {}, None
 
     def restore(src):
         if src not in restored:
@@ -231,9 +233,16 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
                 config.eval.get("adapt_max_support", adapt_lib.DEFAULT_MAX_SUPPORT), ADAPTED_SUPPORT[base_name],
                 variant=variant, max_len=config.eval.max_len, batch_size=config.eval.batch_size, log=log)
             continue
-        scorers[m] = decoder_methods.decoder_scorer(
-            variant, bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id, max_len=config.eval.max_len,
-            batch_size=config.eval.batch_size, log=log)
+        if variant == "@gen":
+            scorers[m] = decoder_methods.generation_scorer(
+                bb.cfg, bb.base, bb.tok, lora, eos_id=bb.eos_id, max_len=config.eval.max_len,
+                batch_size=config.eval.batch_size, log=log)
+            continue
+        if shared is None:  # constrained scoring: every method continues from one frozen-bottom pass
+            shared = decoder_methods.SharedBottomScorers(bb.cfg, bb.base, bb.tok, eos_id=bb.eos_id,
+                                                         max_len=config.eval.max_len,
+                                                         batch_size=config.eval.batch_size)
+        scorers[m] = shared.scorer(m, lora, normalize=variant == "@norm")
     return bb.name, scorers
 
 
