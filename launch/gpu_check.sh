@@ -113,6 +113,8 @@ main() {  # the main job, each stage time-limited; fp32 matmuls as on the CPU
 }
 long() {  # 20x budget: MTA and FT of a seed side by side, seeds in turn; then every evaluation at once
   local r=/tmp/runs_long L="$OUT/long" seed pids=()
+  # shellcheck disable=SC2206
+  local seeds=(${LONG_SEEDS:-0 1})
   local sets=metatool/val_sd,metatool/val_cd,toollens/val_sd,toollens/val_cd,metatool/test_sd,metatool/test_cd
   sets=$sets,toollens/test_sd,toollens/test_cd,bfcl/multiple,bfcl/live_multiple,seal_tools/dev
   sets=${LONG_SETS:-$sets,seal_tools/test_in_domain,api_bank/level-1}
@@ -120,7 +122,7 @@ long() {  # 20x budget: MTA and FT of a seed side by side, seeds in turn; then e
   local extra=(--config.keep_checkpoints=1 ${LONG_ARGS:-})
   mkdir -p "$L"
   export JAX_DEFAULT_MATMUL_PRECISION=highest
-  for seed in ${LONG_SEEDS:-0 1}; do
+  for seed in "${seeds[@]}"; do
     log "long s$seed: mta_long and ft_long side by side (limit $(left 200) s)"
     timeout "$(left 200)" python3 launch/train.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
         --config.seed=$seed "${extra[@]}" > "$L/mta_s$seed.log" 2>&1 &
@@ -133,16 +135,16 @@ long() {  # 20x budget: MTA and FT of a seed side by side, seeds in turn; then e
   done
   if [ "${LONG_EVAL:-1}" = 1 ]; then
     log "long: evaluations of every seed side by side (limit $(left 200) s)"
-    for seed in ${LONG_SEEDS:-0 1}; do
+    for seed in "${seeds[@]}"; do
       local m=ft,mta,ft:0.5,mta:0.5
-      [ "$seed" = "$(echo ${LONG_SEEDS:-0 1} | cut -d' ' -f1)" ] && m=zero_shot,zero_shot@compact_doc,$m
+      [ "$seed" = "${seeds[0]}" ] && m=zero_shot,zero_shot@compact_doc,$m
       timeout "$(left 200)" python3 launch/eval.py --config configs/minilm_mta_long.py --workdir $r/mta_s$seed \
           --ft_workdir $r/ft_s$seed --config.seed=$seed "${extra[@]}" --methods=$m --sets=$sets \
           --out_dir "$L/eval_s$seed" > "$L/eval_s$seed.log" 2>&1 &
       pids+=($!)
     done
     wait "${pids[@]}"; log "long: evaluations done"
-    for seed in ${LONG_SEEDS:-0 1}; do cat "$L/eval_s$seed/results.md" 2>/dev/null; done
+    for seed in "${seeds[@]}"; do cat "$L/eval_s$seed/results.md" 2>/dev/null; done
   fi
   # One archive: the device returns at most 8 files. The workdirs travel too (a few MB with
   # keep_checkpoints=1), so runs whose evaluation did not fit are evaluated elsewhere with the same
