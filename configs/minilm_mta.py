@@ -63,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         val_sets=("metatool/val_sd", "metatool/val_cd", "toollens/val_sd", "toollens/val_cd"),
         max_len=256, adapt_shots=5, adapt_max_support=256, batch_size=128, batch_tokens=8192,
         adapt_steps=0, adapt_lr=0.0,  # mta_adapt/ft_adapt inner loop at test time (0: as trained)
-        protocol_seeds=(0, 1, 2, 3, 4)))  # MetaTool / ToolLens seed files averaged (fewer: cheaper)
+        protocol_seeds=(0, 1, 2, 3, 4),  # MetaTool / ToolLens seed files averaged (fewer: cheaper)
+        max_items=0))  # > 0: score a fixed random subset of this many items per set file (0: all)
     if arg:
         raise ValueError(f"minilm_mta takes no config argument, got {arg!r}")
     return c

@@ -58,5 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sets=("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toollens/test_cd",
               "bfcl/multiple", "bfcl/live_multiple", "seal_tools/test_in_domain", "api_bank/level-1"),
         max_len=1024, adapt_shots=5, batch_size=32,
-        protocol_seeds=(0, 1, 2, 3, 4)))  # MetaTool / ToolLens seed files averaged (fewer: cheaper)
+        protocol_seeds=(0, 1, 2, 3, 4),  # MetaTool / ToolLens seed files averaged (fewer: cheaper)
+        max_items=0))  # > 0: score a fixed random subset of this many items per set file (0: all)
     return c

@@ -1,4 +1,5 @@
 """Metrics on hand-computed cases: ties, multi-gold, recall@k, nDCG with a known ideal, seed aggregation."""
+import dataclasses
 import itertools
 import math
 
@@ -156,6 +157,11 @@ def test_evaluate_aggregates_seeds():
     bad = lambda g: [[np.zeros(5) for _ in s.items] for s in g[:1]]
     with pytest.raises(ValueError, match="returned 1 score lists"):
         metrics.evaluate({"bad": bad}, {"toy/seeded": group})
+    assert "n_total" not in e  # only a subsampled group reports the files' size
+    sub = tuple(dataclasses.replace(s, items=s.items[:3], total_items=4) for s in group)
+    e = metrics.evaluate({"first": first}, {"toy/seeded": sub})["toy/seeded"]["first"]
+    assert e["n"] == 3 and e["n_total"] == 4
+    assert e["accuracy"] == pytest.approx(np.mean([2 / 3, 1 / 3, 1.0]))
 
 
 def test_an_abstention_counts_wrong_even_when_every_candidate_is_gold():

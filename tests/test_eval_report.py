@@ -12,6 +12,7 @@ GOOD = {
     "bfcl/multiple": {"zero_shot": {"accuracy": 0.975, "std": None, "n": 200}},
     "toy/pool": {"bm25": {"accuracy": 0.25, "std": None, "n": 4, "recall@5": 0.5, "ndcg@10": 0.4,
                           "skipped_empty_gold": 2}},
+    "toollens/val_sd": {"mta": {"accuracy": 0.5, "std": None, "n": 500, "n_total": 4618, "protocol_seeds": [0]}},
 }
 
 
@@ -32,6 +33,8 @@ def test_roundtrip(tmp_path):
     (lambda r: r.update({"x": [1]}), "'x'"),
     (lambda r: r["metatool/test_sd"]["zero_shot"].update(protocol_seeds=[]), "protocol_seeds"),
     (lambda r: r["metatool/test_sd"]["zero_shot"].update(protocol_seeds=[0.5]), "protocol_seeds"),
+    (lambda r: r["toollens/val_sd"]["mta"].update(n_total=499), "n_total"),
+    (lambda r: r["toollens/val_sd"]["mta"].update(n_total=500.0), "n_total"),
 ])
 def test_schema_catches_bad_file(tmp_path, mutate, field):
     bad = json.loads(json.dumps(GOOD))
@@ -56,9 +59,10 @@ def test_not_json(tmp_path):
 def test_markdown_table():
     md = report.markdown_table(GOOD)
     lines = md.strip().splitlines()
-    assert lines[0] == "| eval set | n | zero_shot | bm25 |"
-    assert lines[2] == "| metatool/test_sd | 3423 | 86.0 ± 0.4 | 50.0 ± 1.0 |"
-    assert lines[3] == "| bfcl/multiple | 200 | 97.5 | – |"
+    assert lines[0] == "| eval set | n | zero_shot | bm25 | mta |"
+    assert lines[2] == "| metatool/test_sd | 3423 | 86.0 ± 0.4 | 50.0 ± 1.0 | – |"
+    assert lines[3] == "| bfcl/multiple | 200 | 97.5 | – | – |"
+    assert lines[5] == "| toollens/val_sd | 500 of 4618 | – | – | 50.0 |"
     assert len(lines) == 2 + len(GOOD)
 
 

@@ -78,3 +78,51 @@ def test_normalized_dir_null_candidates_and_empty_gold(tmp_path):
 def test_unknown_set_name():
     with pytest.raises(KeyError, match="bfcl/multiple"):
         sets.build_sets(["no/such_set"])
+
+
+def _toy_set(n: int, seed: int | None = 0, name: str = "toy/val_sd") -> sets.EvalSet:
+    from mta_jax.data.records import Catalogue, Tool
+
+    cat = Catalogue((Tool("a", "a", "does a", None, None),))
+    return sets.EvalSet(name, "toy", cat, tuple(sets.EvalItem(f"q{i}", f"query {i}", ("a",), ("a",))
+                                                 for i in range(n)), seed=seed)
+
+
+def test_subsample_is_a_fixed_uniform_subset_in_file_order():
+    full = _toy_set(1000)
+    sub = sets.subsample(full, 100)
+    idx = [int(it.id[1:]) for it in sub.items]
+    assert len(idx) == 100 == len(set(idx)) and idx == sorted(idx) and sub.total_items == 1000
+    assert sub.items == tuple(full.items[i] for i in idx)  # the items themselves, untouched
+    assert idx != list(range(100)) and max(idx) > 900  # spread over the file, not its head
+    # Uniform: each decile of the file holds ~10 of the 100 (a head-biased draw fails this).
+    assert all(3 <= sum(d * 100 <= i < (d + 1) * 100 for i in idx) <= 20 for d in range(10))
+    assert sets.subsample(full, 100) == sub  # deterministic
+    assert set(idx) <= {int(it.id[1:]) for it in sets.subsample(full, 300).items}  # nested
+    other = {int(it.id[1:]) for it in sets.subsample(_toy_set(1000, seed=1), 100).items}
+    assert other != set(idx)  # each protocol seed file draws its own subset
+    assert sets.subsample(_toy_set(50), 100) is not None and sets.subsample(_toy_set(50), 100).total_items is None
+    with pytest.raises(ValueError, match=r"toy/val_sd\[seed 0\]: max_items must be >= 1"):
+        sets.subsample(full, 0)
+
+
+def test_options_from_config():
+    import ml_collections
+
+    assert sets.Options.from_config(ml_collections.ConfigDict({})) == sets.Options((0, 1, 2, 3, 4), 0)
+    opts = sets.Options.from_config(ml_collections.ConfigDict({"protocol_seeds": (3,), "max_items": 7}))
+    assert opts == sets.Options((3,), 7)
+    with pytest.raises(ValueError, match="config.eval.max_items must be >= 0"):
+        sets.Options.from_config(ml_collections.ConfigDict({"max_items": -1}))
+
+
+def test_build_sets_max_items(data_dir):
+    full = sets.build_sets(["metatool/val_sd", "bfcl/multiple"], data_dir, seeds=(0, 2))
+    small = sets.build_sets(["metatool/val_sd", "bfcl/multiple"], data_dir, seeds=(0, 2), max_items=150)
+    for name, group in small.items():
+        for s, f in zip(group, full[name], strict=True):
+            assert len(s.items) == 150 and s.total_items == len(f.items) > 150
+            assert set(s.items) <= set(f.items) and s.seed == f.seed
+    # Built from scratch again (another process would do the same), the subsets are identical.
+    again = sets.build_sets(["bfcl/multiple"], data_dir, max_items=150)["bfcl/multiple"]
+    assert again[0].items == small["bfcl/multiple"][0].items

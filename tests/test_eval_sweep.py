@@ -73,6 +73,18 @@ def test_single_seed_has_no_std():
     table = sweep.aggregate({3: PER_SEED[0]})
     assert table["a/x"]["mta"]["std"] is None
     assert "| a/x | 100 | 80.0 | 82.0 |" in sweep.markdown(table)
+    assert "n_total" not in table["a/x"]["mta"]
+
+
+def test_subsampled_sets_keep_their_full_size():
+    per_seed = json.loads(json.dumps(PER_SEED))
+    for results in per_seed.values():
+        for entry in results["a/x"].values():
+            entry["n_total"] = 400
+    table = sweep.aggregate({int(k): v for k, v in per_seed.items()})
+    assert table["a/x"]["mta"]["n_total"] == 400 and "n_total" not in table["b/y"]["mta"]
+    md = sweep.markdown(table)
+    assert "| a/x | 100 of 400 | 79.7 ± 1.5 | 81.0 ± 1.0 |" in md and "| b/y | 100 | " in md
 
 
 def test_method_order_and_missing_pairs_in_markdown():

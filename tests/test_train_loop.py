@@ -158,11 +158,12 @@ def test_config_json_is_written(uninterrupted):
 
 def test_periodic_validation_matches_the_eval_of_the_checkpoint(tmp_path, data_dir):
     """``val/<set>/accuracy`` at a step is what ``launch/eval.py``'s ``mta`` gives that checkpoint,
-    on the same protocol seed files (``eval.protocol_seeds`` applies to both)."""
+    on the same protocol seed files and item subset (``eval.protocol_seeds`` and ``eval.max_items``
+    apply to both)."""
     from mta_jax.train import evaluate
 
     wd = tmp_path / "val"
-    seeds = {"eval.protocol_seeds": (1, 3)}
+    seeds = {"eval.protocol_seeds": (1, 3), "eval.max_items": 96}
     loop.train(tiny_config(eval_every=2, keep_checkpoints=1, **seeds), wd, str(data_dir))
     rows = {r["step"]: r for r in metrics_lib.read_metrics(wd)}
     key = "val/metatool/val_sd/accuracy"
@@ -170,6 +171,7 @@ def test_periodic_validation_matches_the_eval_of_the_checkpoint(tmp_path, data_d
     results = evaluate.run(tiny_config(**seeds), wd, ["mta"], ["metatool/val_sd"], data_dir=str(data_dir),
                            log=lambda _: None)
     assert results["metatool/val_sd"]["mta"]["protocol_seeds"] == [1, 3]
+    assert results["metatool/val_sd"]["mta"]["n"] == 96 and results["metatool/val_sd"]["mta"]["n_total"] == 1920
     assert rows[4][key] == pytest.approx(results["metatool/val_sd"]["mta"]["accuracy"], abs=1e-9)
 
 

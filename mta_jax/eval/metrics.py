@@ -168,7 +168,8 @@ def aggregate(group: Sequence[EvalSet], per_set: Sequence[Mapping[str, float]]) 
     """Combines the metrics of the sets of one group (protocol seeds) into one results entry.
 
     ``accuracy`` is the mean over sets and ``std`` its spread (see :func:`mean_std`); ranking
-    metrics are averaged; ``n`` is the number of items per set (must agree across seeds).
+    metrics are averaged; ``n`` is the number of items per set (must agree across seeds), and
+    ``n_total`` the number the sets held before :func:`mta_jax.eval.sets.subsample` (only then).
     """
     ns = {m["n"] for m in per_set}
     if len(ns) != 1:
@@ -185,6 +186,9 @@ def aggregate(group: Sequence[EvalSet], per_set: Sequence[Mapping[str, float]]) 
     skipped = {s.skipped_empty_gold for s in group}
     if any(skipped):
         out["skipped_empty_gold"] = max(skipped)
+    totals = {s.total_items for s in group}
+    if totals != {None}:  # subsampled (``eval.max_items``): how many items the full files hold
+        out["n_total"] = max(len(s.items) if s.total_items is None else s.total_items for s in group)
     return out
 
 

@@ -5,11 +5,12 @@ Schema::
     {eval_set: {method: {"accuracy": float in [0, 1], "std": float >= 0 | null, "n": int > 0,
                          "recall@5"?: float in [0, 1], "ndcg@10"?: float in [0, 1],
                          "skipped_empty_gold"?: int >= 0, "seeds"?: int >= 2, "seconds"?: float >= 0,
-                         "protocol_seeds"?: [int, ...]}}}
+                         "protocol_seeds"?: [int, ...], "n_total"?: int >= n}}}
 
 ``std`` is the sample standard deviation over protocol seeds (see ``metrics.STD_DDOF``) and
 null for single-set rows; ``n`` is the number of items per seed; ``protocol_seeds`` lists the seed
-files a MetaTool / ToolLens row averages (all five unless ``eval.protocol_seeds`` chose fewer).
+files a MetaTool / ToolLens row averages (all five unless ``eval.protocol_seeds`` chose fewer);
+``n_total`` appears when ``eval.max_items`` scored a random subset of ``n`` of a set's ``n_total`` items.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Sequence
 
 _UNIT = ("accuracy", "recall@5", "ndcg@10")  # fractions in [0, 1]
 _REQUIRED = ("accuracy", "std", "n")
-_OPTIONAL = ("recall@5", "ndcg@10", "skipped_empty_gold", "seeds", "seconds", "protocol_seeds")
+_OPTIONAL = ("recall@5", "ndcg@10", "skipped_empty_gold", "seeds", "seconds", "protocol_seeds", "n_total")
 
 
 class ResultsSchemaError(ValueError):
@@ -75,6 +76,9 @@ def validate_results(results, source: str = "results") -> None:
                                               and all(_is_int(x) for x in e["protocol_seeds"])):
                 raise ResultsSchemaError(f"{where}['protocol_seeds'] = {e['protocol_seeds']!r}: must be a "
                                          "non-empty list of integers")
+            if "n_total" in e and not (_is_int(e["n_total"]) and e["n_total"] >= e["n"]):
+                raise ResultsSchemaError(f"{where}['n_total'] = {e['n_total']!r}: must be an integer >= n "
+                                         f"({e['n']})")
             if "seconds" in e and not (_is_num(e["seconds"]) and e["seconds"] >= 0):
                 raise ResultsSchemaError(f"{where}['seconds'] = {e['seconds']!r}: must be a number >= 0")
 
@@ -114,6 +118,12 @@ def format_cell(entry: dict | None) -> str:
     return cell if entry["std"] is None else f"{cell} ± {100 * entry['std']:.1f}"
 
 
+def n_cell(entry: dict) -> str:
+    """A table's ``n`` column: ``"1920"``, or ``"500 of 4618"`` for a random subset (``eval.max_items``)."""
+    n = entry.get("n", 0)
+    return f"{n} of {entry['n_total']}" if "n_total" in entry else str(n)
+
+
 def markdown_table(results: dict, methods: Sequence[str] | None = None) -> str:
     """Rows = eval sets, columns = methods, cells = top-1 accuracy in percent (mean ± std)."""
     validate_results(results)
@@ -121,8 +131,7 @@ def markdown_table(results: dict, methods: Sequence[str] | None = None) -> str:
     lines = ["| eval set | n | " + " | ".join(methods) + " |",
              "|---|---:|" + "---:|" * len(methods)]
     for set_name, row in results.items():
-        n = next(iter(row.values()))["n"] if row else 0
-        lines.append(f"| {set_name} | {n} | "
+        lines.append(f"| {set_name} | {n_cell(next(iter(row.values()), {}))} | "
                      + " | ".join(format_cell(row.get(m)) for m in methods) + " |")
     return "\n".join(lines) + "\n"
 

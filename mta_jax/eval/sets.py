@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import zlib
 from typing import Callable, Sequence
+
+import numpy as np
 
 from mta_jax.data.records import Catalogue, load_catalogue, load_normalized_dir, load_records
 from mta_jax.data.records import resolve_data_dir
@@ -50,6 +53,8 @@ class EvalSet:
       items: the items (gold never empty).
       seed: protocol seed, or None for sets without seeds.
       skipped_empty_gold: records of the source file left out because their gold was empty.
+      total_items: the number of items the set had before :func:`subsample` kept ``items`` of
+        them; None when it holds them all.
     """
 
     name: str
@@ -58,6 +63,7 @@ class EvalSet:
     items: tuple[EvalItem, ...]
     seed: int | None = None
     skipped_empty_gold: int = 0
+    total_items: int | None = None
 
     @property
     def label(self) -> str:
@@ -185,8 +191,59 @@ TEST_SETS = ("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toolle
              "api_bank/level-1")
 
 
+def subsample(eval_set: EvalSet, max_items: int) -> EvalSet:
+    """The set with at most ``max_items`` of its items: a uniform random subset, kept in file order.
+
+    The subset depends only on the set's items, name, protocol seed and ``max_items`` (the generator
+    is seeded with a CRC-32 of ``"<name>|<seed>"``), so every method, process and machine scores the
+    same items; a larger ``max_items`` keeps a superset of a smaller one's items. A set with no more
+    than ``max_items`` items is returned unchanged. The result records the full size in
+    ``total_items``, which ``results.json`` reports as ``n_total``.
+
+    Raises:
+      ValueError: ``max_items`` < 1.
+    """
+    if max_items < 1:
+        raise ValueError(f"{eval_set.label}: max_items must be >= 1, got {max_items}")
+    n = len(eval_set.items)
+    if n <= max_items:
+        return eval_set
+    rng = np.random.default_rng(zlib.crc32(f"{eval_set.name}|{eval_set.seed}".encode()))
+    keep = np.sort(rng.permutation(n)[:max_items])  # a prefix of one permutation: nested subsets
+    return dataclasses.replace(eval_set, items=tuple(eval_set.items[i] for i in keep), total_items=n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How much of each eval set to read (``config.eval.protocol_seeds`` / ``config.eval.max_items``).
+
+    Attributes:
+      protocol_seeds: the MetaTool / ToolLens seed files a protocol row averages.
+      max_items: score at most this many items of every set (each seed file of a protocol row, each
+        shipped or folder set) — a uniform, deterministic subset (:func:`subsample`); 0 scores all.
+        For models that score one prompt per item on a CPU (decoders); the row then reports
+        ``n`` of ``n_total`` items and its accuracy carries the subset's sampling error.
+    """
+
+    protocol_seeds: tuple[int, ...] = PROTOCOL_SEEDS
+    max_items: int = 0
+
+    @classmethod
+    def from_config(cls, eval_config) -> "Options":
+        """Reads ``protocol_seeds`` and ``max_items`` of a ``config.eval`` section (both optional).
+
+        Raises:
+          ValueError: ``max_items`` < 0 (naming the config field).
+        """
+        seeds = tuple(int(x) for x in eval_config.get("protocol_seeds", PROTOCOL_SEEDS))
+        max_items = int(eval_config.get("max_items", 0) or 0)
+        if max_items < 0:
+            raise ValueError(f"config.eval.max_items must be >= 0 (0 = every item), got {max_items}")
+        return cls(protocol_seeds=seeds, max_items=max_items)
+
+
 def build_sets(names: Sequence[str], data_dir: str | pathlib.Path | None = None,
-               seeds: Sequence[int] = PROTOCOL_SEEDS) -> dict[str, Group]:
+               seeds: Sequence[int] = PROTOCOL_SEEDS, max_items: int = 0) -> dict[str, Group]:
     """Builds the named groups: built-in names or paths of normalized-format folders.
 
     Args:
@@ -195,6 +252,7 @@ def build_sets(names: Sequence[str], data_dir: str | pathlib.Path | None = None,
       data_dir: data root for built-in sets (default: :func:`resolve_data_dir`).
       seeds: the protocol seed files a MetaTool / ToolLens set reads (default all five; fewer
         make a cheaper, noisier estimate, e.g. for a large decoder on a CPU).
+      max_items: if > 0, every set keeps at most this many items (:func:`subsample`).
 
     Raises:
       KeyError: a name is neither built in nor a directory (lists the built-in names).
@@ -213,4 +271,6 @@ def build_sets(names: Sequence[str], data_dir: str | pathlib.Path | None = None,
         else:
             raise KeyError(f"unknown eval set {name!r}: not a directory and not one of "
                            f"{sorted(BUILTIN_SETS)}")
+    if max_items:
+        out = {name: tuple(subsample(s, max_items) for s in group) for name, group in out.items()}
     return out

@@ -34,7 +34,7 @@ def _check_methods(per_seed: Mapping[int, dict], set_name: str, methods: Sequenc
 
 
 def aggregate(per_seed: Mapping[int, dict], methods: Sequence[str] | None = None) -> dict:
-    """Folds per-seed results into ``{set: {method: {"mean", "std", "per_seed", "n"}}}``.
+    """Folds per-seed results into ``{set: {method: {"mean", "std", "per_seed", "n"[, "n_total"]}}}``.
 
     Args:
       per_seed: ``{training seed: results dict}`` (each valid under ``report.validate_results``).
@@ -65,7 +65,10 @@ def aggregate(per_seed: Mapping[int, dict], methods: Sequence[str] | None = None
         for m in ms:
             accs = [per_seed[seed][s][m]["accuracy"] for seed in seeds]
             mean, std = _mean_std(accs)
-            out[s][m] = {"mean": mean, "std": std, "per_seed": accs, "n": per_seed[seeds[0]][s][m]["n"]}
+            entry = per_seed[seeds[0]][s][m]
+            out[s][m] = {"mean": mean, "std": std, "per_seed": accs, "n": entry["n"]}
+            if "n_total" in entry:  # the seeds scored a random subset (eval.max_items)
+                out[s][m]["n_total"] = entry["n_total"]
     return out
 
 
@@ -137,7 +140,7 @@ def markdown(table: dict, pairs: Mapping[str, dict] | None = None) -> str:
     head = list(methods) + list(pairs)
     lines = ["| eval set | n | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
     for s, row in table.items():
-        n = next(iter(row.values()))["n"]
+        n = report.n_cell(next(iter(row.values())))
         cells = [_pct(row[m]["mean"], row[m]["std"]) if m in row else "–" for m in methods]
         cells += [_pair_cell(p[s]) if s in p else "–" for p in pairs.values()]
         lines.append(f"| {s} | {n} | " + " | ".join(cells) + " |")

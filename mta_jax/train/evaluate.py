@@ -91,8 +91,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         raise ValueError(f"unknown method(s) {unknown}; choose from "
                          f"{sorted(set(methods_lib.METHODS) | set(TRAINED))}")
     t0 = time.perf_counter()
-    groups = sets_lib.build_sets(list(sets), records.resolve_data_dir(data_dir),
-                                 tuple(config.eval.get("protocol_seeds", sets_lib.PROTOCOL_SEEDS)))
+    opts = sets_lib.Options.from_config(config.eval)
+    groups = sets_lib.build_sets(list(sets), records.resolve_data_dir(data_dir), opts.protocol_seeds,
+                                 opts.max_items)
     log(f"built {len(groups)} eval sets in {time.perf_counter() - t0:.1f}s")
 
     if is_decoder:  # prompts + LM scoring; none of the encoder machinery below applies

@@ -36,8 +36,8 @@ class ValSettings:
       every: evaluate every this many steps (and after the last step); 0 disables validation.
       sets: built-in eval-set names (e.g. ``metatool/val_sd``) or normalized-format folders.
       max_len, batch_size, batch_tokens: as for ``launch/eval.py`` (``config.eval``).
-      protocol_seeds: the MetaTool / ToolLens seed files read (``config.eval.protocol_seeds``, as
-        for ``launch/eval.py``; default all five).
+      options: the protocol seed files read and the items kept per set (``config.eval.protocol_seeds``
+        and ``config.eval.max_items``, as for ``launch/eval.py``; default all five seeds, every item).
     """
 
     every: int = 0
@@ -45,7 +45,7 @@ class ValSettings:
     max_len: int = 256
     batch_size: int = 64
     batch_tokens: int | None = methods_lib.DEFAULT_BATCH_TOKENS
-    protocol_seeds: tuple[int, ...] = sets_lib.PROTOCOL_SEEDS
+    options: sets_lib.Options = sets_lib.Options()
 
     def check(self, log_every: int, model_kind: str) -> None:
         """Raises ValueError for a setting the loop cannot honour (naming the config field)."""
@@ -79,7 +79,8 @@ class Validator:
     def __init__(self, settings: ValSettings, cfg, base: Any, tokenizer, first_layer: int, doc_style: str,
                  data_dir: str | pathlib.Path | None):
         self.settings = settings
-        self.groups = sets_lib.build_sets(list(settings.sets), data_dir, settings.protocol_seeds)
+        opts = settings.options
+        self.groups = sets_lib.build_sets(list(settings.sets), data_dir, opts.protocol_seeds, opts.max_items)
         device = jax.local_devices()[0]
         local_base = jax.device_put(jax.tree.map(np.asarray, base), device)
         self.bank = encoders.SharedBottomEncoder(
@@ -110,6 +111,6 @@ def val_settings(every: int, eval_config) -> ValSettings:
     """Builds :class:`ValSettings` from ``config.eval_every`` and the ``config.eval`` section."""
     sets = tuple(eval_config.get("val_sets", ()) or ())
     batch_tokens = eval_config.get("batch_tokens", methods_lib.DEFAULT_BATCH_TOKENS) or None
-    seeds = tuple(int(x) for x in eval_config.get("protocol_seeds", sets_lib.PROTOCOL_SEEDS))
     return ValSettings(every=int(every), sets=sets, max_len=int(eval_config.max_len),
-                       batch_size=int(eval_config.batch_size), batch_tokens=batch_tokens, protocol_seeds=seeds)
+                       batch_size=int(eval_config.batch_size), batch_tokens=batch_tokens,
+                       options=sets_lib.Options.from_config(eval_config))
