@@ -390,7 +390,9 @@ def test_shared_bottom_scorers_equal_each_method_alone(backbone):
 
     top, lower = adapter(cfg.num_layers - 1, 3), adapter(cfg.num_layers - 2, 5)
     members = {"zero_shot": (None, False), "top": (top, False), "top@norm": (top, True), "lower": (lower, False)}
-    shared = decoder_methods.SharedBottomScorers(cfg, base, tok, eos_id=eos, max_len=max_len, batch_size=8)
+    lines = []
+    shared = decoder_methods.SharedBottomScorers(cfg, base, tok, eos_id=eos, max_len=max_len, batch_size=8,
+                                                 log=lines.append, log_every=0.0)
     scorers = {m: shared.scorer(m, lo, normalize=n) for m, (lo, n) in members.items()}
     assert decoder_methods.shared_split(cfg, [lo for lo, _ in members.values()]) == cfg.num_layers - 2
     group = (eval_set,)
@@ -402,6 +404,11 @@ def test_shared_bottom_scorers_equal_each_method_alone(backbone):
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=2e-5, err_msg=m)
     assert not shared._pending  # every member took its scores
+    # One progress line per compiled call (log_every=0), counting up to every scoring row once.
+    counts = [line.split(": ")[1].split(" ")[0].split("/") for line in lines]
+    n_rows, total = [int(done) for done, _ in counts], int(counts[-1][1])
+    assert len(lines) >= 2 and n_rows == sorted(n_rows) and n_rows[-1] == total
+    assert lines[-1].startswith(f"{eval_set.name}, 4 method(s): {total}/{total} rows") and lines[-1].endswith("~0s left")
     alone = [decoder_methods.constrained_scorer(cfg, base, tok, lo, eos_id=eos, max_len=max_len, batch_size=8)(
         [eval_set])[0][0] for lo in (None, top, lower)]
     assert min(np.abs(a - b).max() for a in alone for b in alone if a is not b) > 1e-2  # the adapters differ

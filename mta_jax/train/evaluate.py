@@ -242,7 +242,7 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
         if shared is None:  # constrained scoring: every method continues from one frozen-bottom pass
             shared = decoder_methods.SharedBottomScorers(bb.cfg, bb.base, bb.tok, eos_id=bb.eos_id,
                                                          max_len=config.eval.max_len,
-                                                         batch_size=config.eval.batch_size)
+                                                         batch_size=config.eval.batch_size, log=log)
         scorers[m] = shared.scorer(m, lora, normalize=variant == "@norm")
     return bb.name, scorers
 
