@@ -228,7 +228,7 @@ def test_a_generated_answer_naming_no_candidate_abstains():
     assert np.isneginf(miss).all()
 
 
-def test_train_and_eval_end_to_end(tmp_path, data_dir):
+def test_train_and_eval_end_to_end(tmp_path, data_dir, monkeypatch):
     wd = tmp_path / "run"
     config = tiny_decoder_config(steps=2)
     state = loop.train(config, wd, str(data_dir))
@@ -238,8 +238,17 @@ def test_train_and_eval_end_to_end(tmp_path, data_dir):
     assert abs(rows[0]["outer/loss"] - np.log(30522)) < 1.5
     assert int(jax.device_get(state.step)) == 2
     mini = _write_dir(tmp_path / "mini", candidates=True)
-    methods = ("random", "zero_shot", "mta", "mta@norm", "mta@gen")
+    methods = ("random", "zero_shot", "mta", "mta@norm", "mta@gen", "mta:1", "mta:0", "mta:0.5@norm")
+    scales = {}  # the LoRA scale each constrained method scores with (WiSE interpolation: A x trained)
+    real = decoder_methods.SharedBottomScorers.scorer
+    monkeypatch.setattr(decoder_methods.SharedBottomScorers, "scorer", lambda self, name, lora=None, **kw: (
+        scales.__setitem__(name, None if lora is None else lora.scale) or real(self, name, lora, **kw)))
     results = evaluate.run(config, wd, methods, [str(mini)], data_dir=str(data_dir), log=lambda s: None)
+    trained = scales["mta"]
+    assert trained > 0 and scales == {"zero_shot": None, "mta": trained, "mta@norm": trained, "mta:1": trained,
+                                      "mta:0": 0.0, "mta:0.5@norm": 0.5 * trained}
+    assert results["mini/test"]["mta:1"]["accuracy"] == results["mini/test"]["mta"]["accuracy"]
+    assert results["mini/test"]["mta:0"]["accuracy"] == results["mini/test"]["zero_shot"]["accuracy"]
     stored = report.read_results(wd / "eval" / "results.json")  # validates the schema
     assert stored == json.loads(json.dumps(results))
     assert set(results) == {"mini/test"} and set(results["mini/test"]) == set(methods)

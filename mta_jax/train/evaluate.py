@@ -82,10 +82,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       The results dict (also written to disk).
     """
     is_decoder = config.model.kind == "decoder"
-    if is_decoder and any(lora_mix(m)[1] is not None for m in methods):
-        raise ValueError("mta:A / ft:A LoRA interpolation is implemented for encoder models only")
-    unknown = sorted({decoder_methods.split_method(m)[0] if is_decoder else _encoder_method(lora_mix(m)[0])[0]
-                      for m in methods}
+    unknown = sorted({lora_mix(decoder_methods.split_method(m)[0])[0] if is_decoder
+                      else _encoder_method(lora_mix(m)[0])[0] for m in methods}
                      - set(methods_lib.METHODS) - set(TRAINED))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from "
@@ -198,8 +196,9 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
     """Decoder methods: ``zero_shot``/``ft``/``mta`` score candidate names with LoRA None / trained.
 
     A ``@norm`` or ``@gen`` suffix picks the variant (see :mod:`mta_jax.eval.decoder_methods`);
-    ``random``/``bm25`` need no model. ``mta_adapt`` / ``ft_adapt`` (k-shot) and ``mta_docs`` /
-    ``ft_docs`` adapt as for the encoder (:class:`mta_jax.eval.adapt.DecoderAdaptScorer`) and take the
+    ``random``/``bm25`` need no model; ``mta:A`` / ``ft:A`` interpolate the trained LoRA as for the
+    encoder (:func:`lora_mix`) and take the suffixes too (``mta:0.5@norm``). ``mta_adapt`` /
+    ``ft_adapt`` (k-shot) and ``mta_docs`` / ``ft_docs`` adapt as for the encoder (:class:`mta_jax.eval.adapt.DecoderAdaptScorer`) and take the
     same suffixes; ``mta_tta`` / ``ft_tta`` (entropy on unlabelled queries) are encoder-only. The
     constrained methods share one frozen-bottom pass per batch
     (:class:`mta_jax.eval.decoder_methods.SharedBottomScorers`).
@@ -214,6 +213,7 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
 
     for m in methods:
         base_name, variant = decoder_methods.split_method(m)
+        base_name, alpha = lora_mix(base_name)  # "mta:0.5@norm": mta, interpolated, length-normalised
         if base_name in methods_lib.METHODS and base_name != "zero_shot":
             if variant:
                 raise ValueError(f"method {m!r}: {base_name!r} has no decoder variants")
@@ -227,6 +227,8 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
             src = ft_workdir if (base_name.startswith("ft") and ft_workdir is not None) else workdir
             runs[base_name] = restore(src)
             lora = runs[base_name][2]
+            if alpha is not None:
+                lora = dataclasses.replace(lora, scale=lora.scale * alpha)
         if base_name in ADAPTED_SUPPORT:
             settings, start = _adaptation(base_name, runs, workdir, config.eval, lambda: restore(workdir))
             scorers[m] = adapt_lib.DecoderAdaptScorer(
