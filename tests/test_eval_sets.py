@@ -1,4 +1,5 @@
 """Eval-set builders: counts from the real data match the data README / stats.json; normalized dirs."""
+import dataclasses
 import json
 
 import pytest
@@ -99,8 +100,12 @@ def test_subsample_is_a_fixed_uniform_subset_in_file_order():
     assert all(3 <= sum(d * 100 <= i < (d + 1) * 100 for i in idx) <= 20 for d in range(10))
     assert sets.subsample(full, 100) == sub  # deterministic
     assert set(idx) <= {int(it.id[1:]) for it in sets.subsample(full, 300).items}  # nested
-    other = {int(it.id[1:]) for it in sets.subsample(_toy_set(1000, seed=1), 100).items}
-    assert other != set(idx)  # each protocol seed file draws its own subset
+    # Another protocol seed file of the set (same queries): the same subset; another set: another.
+    assert [it.id for it in sets.subsample(_toy_set(1000, seed=1), 100).items] == [it.id for it in sub.items]
+    assert {it.id for it in sets.subsample(_toy_set(1000, name="toy/test_sd"), 100).items} != set(it.id for it in sub.items)
+    # Chosen by id, not position: the same items from a shuffled file.
+    shuffled = dataclasses.replace(full, items=full.items[::-1])
+    assert {it.id for it in sets.subsample(shuffled, 100).items} == {it.id for it in sub.items}
     assert sets.subsample(_toy_set(50), 100) is not None and sets.subsample(_toy_set(50), 100).total_items is None
     with pytest.raises(ValueError, match=r"toy/val_sd\[seed 0\]: max_items must be >= 1"):
         sets.subsample(full, 0)
@@ -123,6 +128,9 @@ def test_build_sets_max_items(data_dir):
         for s, f in zip(group, full[name], strict=True):
             assert len(s.items) == 150 and s.total_items == len(f.items) > 150
             assert set(s.items) <= set(f.items) and s.seed == f.seed
+    seed0, seed2 = small["metatool/val_sd"]
+    assert [it.id for it in seed0.items] == [it.id for it in seed2.items]  # same queries...
+    assert any(a.candidates != b.candidates for a, b in zip(seed0.items, seed2.items))  # ...other distractors
     # Built from scratch again (another process would do the same), the subsets are identical.
     again = sets.build_sets(["bfcl/multiple"], data_dir, max_items=150)["bfcl/multiple"]
     assert again[0].items == small["bfcl/multiple"][0].items

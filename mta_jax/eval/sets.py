@@ -8,12 +8,10 @@ single set. :data:`BUILTIN_SETS` maps every built-in set name to its builder; se
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import pathlib
-import zlib
 from typing import Callable, Sequence
-
-import numpy as np
 
 from mta_jax.data.records import Catalogue, load_catalogue, load_normalized_dir, load_records
 from mta_jax.data.records import resolve_data_dir
@@ -194,11 +192,13 @@ TEST_SETS = ("metatool/test_sd", "metatool/test_cd", "toollens/test_sd", "toolle
 def subsample(eval_set: EvalSet, max_items: int) -> EvalSet:
     """The set with at most ``max_items`` of its items: a uniform random subset, kept in file order.
 
-    The subset depends only on the set's items, name, protocol seed and ``max_items`` (the generator
-    is seeded with a CRC-32 of ``"<name>|<seed>"``), so every method, process and machine scores the
-    same items; a larger ``max_items`` keeps a superset of a smaller one's items. A set with no more
-    than ``max_items`` items is returned unchanged. The result records the full size in
-    ``total_items``, which ``results.json`` reports as ``n_total``.
+    Items are ranked by a hash (BLAKE2b) of ``"<set name>|<item id>"`` and the ``max_items`` lowest
+    kept, so the subset depends only on the set's name and item ids: every method, process and
+    machine scores the same items, a larger ``max_items`` keeps a superset of a smaller one's, and
+    the five protocol seed files of a MetaTool / ToolLens set (the same queries with other
+    distractors) keep the same queries — their std still measures the distractors alone. A set with
+    no more than ``max_items`` items is returned unchanged; otherwise ``total_items`` records its full
+    size (``n_total`` in ``results.json``).
 
     Raises:
       ValueError: ``max_items`` < 1.
@@ -208,8 +208,12 @@ def subsample(eval_set: EvalSet, max_items: int) -> EvalSet:
     n = len(eval_set.items)
     if n <= max_items:
         return eval_set
-    rng = np.random.default_rng(zlib.crc32(f"{eval_set.name}|{eval_set.seed}".encode()))
-    keep = np.sort(rng.permutation(n)[:max_items])  # a prefix of one permutation: nested subsets
+
+    def rank(i: int) -> tuple[bytes, int]:
+        key = f"{eval_set.name}|{eval_set.items[i].id}".encode()
+        return hashlib.blake2b(key, digest_size=8).digest(), i
+
+    keep = sorted(sorted(range(n), key=rank)[:max_items])
     return dataclasses.replace(eval_set, items=tuple(eval_set.items[i] for i in keep), total_items=n)
 
 
