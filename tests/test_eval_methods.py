@@ -168,18 +168,18 @@ def test_embed_fn_bucketing_invariance():
     assert mask.sum(1).max() == max_len  # the long texts were truncated, so that path ran too
 
 
-def test_progress_log_is_throttled_and_closes_only_what_it_opened(monkeypatch):
+def test_progress_log_is_throttled_and_extrapolates_work_not_rows(monkeypatch):
     from mta_jax.eval import decoder_methods
 
     clock = iter([0.0, 10.0, 70.0, 80.0, 200.0, 0.0, 5.0])
     monkeypatch.setattr(decoder_methods.time, "perf_counter", lambda: next(clock))
     lines = []
-    p = decoder_methods.ProgressLog("x", 4, lines.append, every=60.0)  # starts at t=0
-    p.advance(1)  # t=10: not due
-    p.advance(1)  # t=70: due
-    p.advance(1)  # t=80: not due
-    p.advance(1)  # t=200: due, and the end
-    assert lines == ["x: 2/4 rows, 70s, ~70s left", "x: 4/4 rows, 200s, ~0s left"]
-    quiet = decoder_methods.ProgressLog("y", 1, lines.append, every=60.0)  # t=0
-    quiet.advance(1)  # t=5: finished before any line was due: silent
+    p = decoder_methods.ProgressLog("x", 4, 10.0, lines.append, every=60.0)  # starts at t=0
+    p.advance(1, 1.0)  # t=10: not due
+    p.advance(1, 1.0)  # t=70: due; 2 of 10 units of work in 70 s -> 280 s left (rows alone: 70 s)
+    p.advance(1, 4.0)  # t=80: not due
+    p.advance(1, 4.0)  # t=200: due, and the end
+    assert lines == ["x: 2/4 rows, 70s, ~280s left", "x: 4/4 rows, 200s, ~0s left"]
+    quiet = decoder_methods.ProgressLog("y", 1, 1.0, lines.append, every=60.0)  # t=0
+    quiet.advance(1, 1.0)  # t=5: finished before any line was due: silent
     assert len(lines) == 2

@@ -169,24 +169,27 @@ class ProgressLog:
 
     A line whenever ``every`` seconds have passed since the last one (or the start), and a last one
     when the loop ends if any was written: a loop shorter than ``every`` stays silent, and an hour-long
-    decoder evaluation on a CPU shows that it is alive and when it will end. ``log`` None disables it.
+    decoder evaluation on a CPU shows that it is alive and when it will end. The time left is
+    extrapolated from the *work* done (e.g. tokens: rows are scored shortest first, so counting
+    rows would promise too early an end). ``log`` None disables it.
     """
 
-    def __init__(self, what: str, total: int, log: Callable[[str], None] | None, every: float = 60.0):
-        self.what, self.total, self.log, self.every = what, total, log, every
-        self.done, self.lines = 0, 0
+    def __init__(self, what: str, total_rows: int, total_work: float, log: Callable[[str], None] | None,
+                 every: float = 60.0):
+        self.what, self.total_rows, self.total_work, self.log, self.every = what, total_rows, total_work, log, every
+        self.rows, self.work, self.lines = 0, 0.0, 0
         self.t0 = self.last = time.perf_counter()
 
-    def advance(self, n: int) -> None:
-        """Counts ``n`` more rows done and writes a line if one is due."""
-        self.done += n
+    def advance(self, rows: int, work: float) -> None:
+        """Counts ``rows`` more rows, costing ``work``, done, and writes a line if one is due."""
+        self.rows, self.work = self.rows + rows, self.work + work
         now = time.perf_counter()
-        if self.log is None or not (now - self.last >= self.every or (self.done >= self.total and self.lines)):
+        if self.log is None or not (now - self.last >= self.every or (self.rows >= self.total_rows and self.lines)):
             return
         self.lines, self.last = self.lines + 1, now
         elapsed = now - self.t0
-        left = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
-        self.log(f"{self.what}: {self.done}/{self.total} rows, {elapsed:.0f}s, ~{left:.0f}s left")
+        left = elapsed / max(self.work, 1e-9) * max(self.total_work - self.work, 0.0)
+        self.log(f"{self.what}: {self.rows}/{self.total_rows} rows, {elapsed:.0f}s, ~{left:.0f}s left")
 
 
 class SharedBottomScorers:
@@ -249,9 +252,11 @@ class SharedBottomScorers:
             targets = enc.target_ids(labels)
             n = len(full_prompts[i]) + sum(map(len, targets))
             (packed if n <= max_len else single).append((i, targets, n))
-        n_single = sum(len(items[i][1]) for i, _, _ in single)
-        progress = ProgressLog(f"{group[0].name}, {len(names)} method(s)", len(packed) + n_single, self.log,
-                               self.log_every)
+        # Items too long to pack are scored below as one (cut prompt, target) row per candidate.
+        widths = [padded_width(len(full_prompts[i]) + max_target, max_len) for i, _, _ in single for _ in items[i][1]]
+        progress = ProgressLog(  # work = padded tokens
+            f"{group[0].name}, {len(names)} method(s)", len(packed) + len(widths),
+            sum(padded_width(n, max_len) for _, _, n in packed) + sum(widths), self.log, self.log_every)
         # Packed rows: one per item, bucketed by width.
         n_cand = max([len(items[i][1]) for i, _, _ in packed], default=1)
         per_call = max(1, batch_size // n_cand)  # as many vocabulary projections as unpacked rows
@@ -267,17 +272,16 @@ class SharedBottomScorers:
                     for r, (i, t) in enumerate(sel):
                         k = len(t)
                         scores[m][i] = total[m, r, :k] / count[r, :k] if norm else total[m, r, :k]
-                progress.advance(len(sel))
-        # Items too long to pack: one (cut prompt, target) row per candidate.
+                progress.advance(len(sel), len(sel) * w)
+        # Items too long to pack: one row per candidate, bucketed by width.
         prompts_, targets_, first = [], [], []
         for i, _, _ in single:
             first.append(len(prompts_))
             prompts_ += [items[i][0]] * len(items[i][1])
             targets_ += items[i][1]
         flat = np.zeros((len(names), len(prompts_)))
-        lengths = [len(full_prompts[i]) + max_target for i, _, _ in single for _ in items[i][1]]
-        for w in sorted({padded_width(int(n), max_len) for n in lengths}):
-            rows = np.flatnonzero([padded_width(int(n), max_len) == w for n in lengths])
+        for w in sorted(set(widths)):
+            rows = np.flatnonzero(np.asarray(widths) == w)
             wenc = prompts_lib.PromptEncoder(tok, w, max_target, self.eos_id)
             for s in range(0, len(rows), batch_size):
                 sel = rows[s:s + batch_size]
@@ -290,7 +294,7 @@ class SharedBottomScorers:
                 count = np.asarray(valid).sum(-1)[:len(sel)]
                 for m, norm in enumerate(norms):
                     flat[m, sel] = total[m] / count if norm else total[m]
-                progress.advance(len(sel))
+                progress.advance(len(sel), len(sel) * w)
         for (i, _, _), f in zip(single, first):
             for m in range(len(names)):
                 scores[m][i] = flat[m, f:f + len(items[i][1])]
