@@ -210,7 +210,7 @@ def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
                  "episode.support": 2, "episode.query": 2, "data.query_len": 320, "lora.first_layer": 26,
                  "outer.warmup": 10, "outer.lr": 1e-3, "eval.methods": ("zero_shot", "mta"),
                  "eval.sets": ("metatool/val_sd", "toollens/val_sd"), "eval.protocol_seeds": (0,),
-                 "eval.batch_size": 16}
+                 "eval.max_items": 500, "eval.batch_size": 16}
     for key, value in overrides.items():
         *path, leaf = key.split(".")
         node = base
