@@ -106,7 +106,8 @@ def test_subsample_is_a_fixed_uniform_subset_in_file_order():
     # Chosen by id, not position: the same items from a shuffled file.
     shuffled = dataclasses.replace(full, items=full.items[::-1])
     assert {it.id for it in sets.subsample(shuffled, 100).items} == {it.id for it in sub.items}
-    assert sets.subsample(_toy_set(50), 100) is not None and sets.subsample(_toy_set(50), 100).total_items is None
+    small = _toy_set(50)
+    assert sets.subsample(small, 100) is small and small.total_items is None  # nothing to drop: unchanged
     with pytest.raises(ValueError, match=r"toy/val_sd\[seed 0\]: max_items must be >= 1"):
         sets.subsample(full, 0)
 
