@@ -186,9 +186,8 @@ def aggregate(group: Sequence[EvalSet], per_set: Sequence[Mapping[str, float]]) 
     skipped = {s.skipped_empty_gold for s in group}
     if any(skipped):
         out["skipped_empty_gold"] = max(skipped)
-    totals = {s.total_items for s in group}
-    if totals != {None}:  # subsampled (``eval.max_items``): how many items the full files hold
-        out["n_total"] = max(len(s.items) if s.total_items is None else s.total_items for s in group)
+    if any(s.total_items is not None for s in group):  # subsampled (``eval.max_items``): the files' size
+        out["n_total"] = max(s.total_items or len(s.items) for s in group)
     return out
 
 

@@ -198,10 +198,10 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
     A ``@norm`` or ``@gen`` suffix picks the variant (see :mod:`mta_jax.eval.decoder_methods`);
     ``random``/``bm25`` need no model; ``mta:A`` / ``ft:A`` interpolate the trained LoRA as for the
     encoder (:func:`lora_mix`) and take the suffixes too (``mta:0.5@norm``). ``mta_adapt`` /
-    ``ft_adapt`` (k-shot) and ``mta_docs`` / ``ft_docs`` adapt as for the encoder (:class:`mta_jax.eval.adapt.DecoderAdaptScorer`) and take the
-    same suffixes; ``mta_tta`` / ``ft_tta`` (entropy on unlabelled queries) are encoder-only. The
-    constrained methods share one frozen-bottom pass per batch
-    (:class:`mta_jax.eval.decoder_methods.SharedBottomScorers`).
+    ``ft_adapt`` (k-shot) and ``mta_docs`` / ``ft_docs`` adapt as for the encoder
+    (:class:`mta_jax.eval.adapt.DecoderAdaptScorer`) and take the same suffixes; ``mta_tta`` /
+    ``ft_tta`` (entropy on unlabelled queries) are encoder-only. The constrained methods share one
+    frozen-bottom pass per batch (:class:`mta_jax.eval.decoder_methods.SharedBottomScorers`).
     """
     bb = workloads.load_decoder_backbone(config.model.path, config.model.dtype, False)
     scorers, restored, runs, shared = {}, {}, {}, None
