@@ -9,10 +9,11 @@ Command:
       --ft_config configs/minilm_ft_long.py --seeds=0,1,2 --root runs/long --methods=ft,mta)
 Expected runtime (measured on one H100, JAX 0.11.2, MTA and FT of a seed side by side,
 `SECTIONS=long launch/gpu_check.sh`): 47-64 s per seed for both trainings including data prep and
-compilation (MTA 45 ms/step, FT 54 ms/step; device peak 4.6 / 1.9 GB). On 2 CPU cores an MTA step
-took 18 s beside an evaluation (a resumed run); alone ~12 s is expected (the default's 3.1 s per 4
-episodes), i.e. ~1.7 h per MTA training, not measured end to end. Evaluating ft + mta on the eight
-val/test protocol sets: 82 s on the H100 for five seeds side by side, ~6 min per seed on the CPU.
+compilation (MTA 45 ms/step, FT 54 ms/step; device peak 4.6 / 1.9 GB). On 2 CPU cores, measured
+end to end on an AMD Zen 5 host (session 19, seed 0, quiet): MTA 63 min (7.5 s/step, 7.4 GB RSS),
+FT 25 min (2.9-3.3 s/step); expect 1.5-1.7x that on the older hosts (the main job's ratio).
+Evaluating ft + mta on the eight val/test protocol sets: 82 s on the H100 for five seeds side by
+side, ~6 min per seed on the CPU.
 Expected metric (top-1 %, unseen test tools, mean over training seeds 0-4, float16-rounded weights;
 BUILD_NOTES.md "Results", session 17): mta MetaTool SD 89.1 / CD 92.5, ToolLens SD 60.1 / CD 79.1;
 ft 88.5 / 92.2 / 57.9 / 77.4 (paired mta - ft +0.6 / +0.3 / +2.2 / +1.7, MTA ahead on every seed).
