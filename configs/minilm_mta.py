@@ -36,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prefetch = 2
 
     c.model = ml_collections.ConfigDict(dict(kind="encoder", path="", dtype="float32", remat=False))  # "" = packaged MiniLM
-    c.loss = ml_collections.ConfigDict(dict(scale=20.0))
+    c.loss = ml_collections.ConfigDict(dict(
+        scale=20.0,          # inverse temperature of the cosine logits
+        dataset_scale=""))   # per train dataset, e.g. "metatool=10": that dataset's episodes use it
     c.data = ml_collections.ConfigDict(dict(
         datasets=("metatool", "toollens"), doc_style="compact_doc", query_len=40, doc_len=64))
     c.episode = ml_collections.ConfigDict(dict(

@@ -155,6 +155,32 @@ def test_multi_gold_and_short_candidate_lists_are_masked_in_the_support_loss(set
     np.testing.assert_allclose(float(full), np.mean(per_item), rtol=1e-5)
 
 
+def test_support_loss_uses_the_temperature_trained_for_the_sets_dataset(setup):
+    """With ``loss.dataset_scale``, a set's support episode carries its dataset's scale (others keep
+    ``loss.scale``) and the inner loss is the loss at that scale; without it no scale is added."""
+    import dataclasses as dc
+
+    s, meta_params, bank = setup
+    tools = [Tool(f"t{i}", f"tool{i}", d) for i, d in enumerate(["weather forecast", "stock prices", "maps"])]
+    items = (EvalItem("a", "rain tomorrow?", ("t0",), ("t0", "t1", "t2")),
+             EvalItem("b", "share price", ("t1",), ("t2", "t1", "t0")))
+    per_dataset = dc.replace(s, loss_dataset_scale=(("metatool", 5.0),))
+    init = meta.initial_params(meta_params, s.meta)
+    batches = {}
+    for name in ("metatool/test_sd", "bfcl/multiple"):
+        es = EvalSet(name, name.split("/")[0], Catalogue(tools), items, seed=0)
+        assert "scale" not in adapt_lib.adapt_scorer(bank, s, meta_params, shots=1)._support(es, list(items))
+        batches[name] = adapt_lib.adapt_scorer(bank, per_dataset, meta_params, shots=1)._support(es, list(items))
+    assert float(batches["metatool/test_sd"]["scale"]) == 5.0
+    assert float(batches["bfcl/multiple"]["scale"]) == s.loss_scale != 5.0
+    got, _ = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=s.loss_scale)(
+        init, bank.base, batches["metatool/test_sd"])
+    plain = {k: v for k, v in batches["metatool/test_sd"].items() if k != "scale"}
+    want, _ = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=5.0)(init, bank.base, plain)
+    other, _ = losses.BiEncoderLoss(bank.cfg, start=bank.first_layer, scale=s.loss_scale)(init, bank.base, plain)
+    assert float(got) == pytest.approx(float(want), rel=1e-6) and float(got) != pytest.approx(float(other), rel=1e-3)
+
+
 def _unadapted_scores(setup, group):
     """Scores of the initialisation itself (no inner loop)."""
     import functools

@@ -228,6 +228,50 @@ def test_doc_support_trains_from_the_tools_docs(tmp_path, data_dir, monkeypatch)
     assert np.isfinite(docs["outer/loss"]) and docs["outer/loss"] != pytest.approx(items["outer/loss"], rel=1e-6)
 
 
+def test_dataset_scale_overrides_the_loss_scale_of_its_episodes(uninterrupted, tmp_path, data_dir):
+    """``loss.dataset_scale``: a listed dataset's episodes train exactly as with that global scale, the
+    default run is unchanged when it repeats ``loss.scale``, and other datasets keep ``loss.scale``."""
+    from mta_jax.train import state as state_lib
+    from mta_jax.train import workloads
+
+    scale = tiny_config().loss.scale
+    loop.train(tiny_config(**{"loss.dataset_scale": f"metatool={scale}"}), tmp_path / "same", str(data_dir))
+    loop.train(tiny_config(**{"loss.dataset_scale": "metatool=5"}), tmp_path / "per_dataset", str(data_dir))
+    loop.train(tiny_config(**{"loss.scale": 5.0}), tmp_path / "global", str(data_dir))
+    default, same, per_dataset, global_ = (losses(w) for w in (uninterrupted[0], tmp_path / "same",
+                                                             tmp_path / "per_dataset", tmp_path / "global"))
+    assert same == pytest.approx(default, rel=1e-6)
+    assert per_dataset == pytest.approx(global_, rel=1e-6)
+    assert per_dataset[max(per_dataset)] != pytest.approx(default[max(default)], rel=1e-3)
+
+    s = state_lib.settings_from_config(tiny_config(**{"data.datasets": ("metatool", "toollens"),
+                                                      "loss.dataset_scale": "toollens=40"}))
+    wl = workloads.EncoderWorkload(s, data_dir)
+    want = np.where(wl.pool.tool_dataset == wl.pool.datasets.index("toollens"), 40.0, scale)
+    np.testing.assert_array_equal(wl.tables(wl.base)["tool_scale"], want)
+    batch = wl.host_batch(0, 8)
+    support, query = wl.task_sets(wl.base, wl.tables(wl.base), jax.tree.map(jnp.asarray, batch))
+    np.testing.assert_array_equal(support["scale"], want[batch["tools"][:, 0]])
+    np.testing.assert_array_equal(query["scale"], support["scale"])
+
+
+@pytest.mark.parametrize("spec, match", [("metatool", "positive scale"), ("metatool=0", "positive scale"),
+                                         ("metatool=x", "positive scale"), ("bfcl=10", "not a train dataset"),
+                                         ("metatool=5,metatool=6", "given twice")])
+def test_bad_dataset_scales_are_errors_naming_the_field(spec, match):
+    from mta_jax.train import state as state_lib
+
+    with pytest.raises(ValueError, match=f"config.loss.dataset_scale.*{match}"):
+        state_lib.settings_from_config(tiny_config(**{"loss.dataset_scale": spec}))
+
+
+def test_dataset_scale_of_a_decoder_is_an_error():
+    from mta_jax.train import state as state_lib
+
+    with pytest.raises(ValueError, match="dataset_scale is implemented for the encoder workload only"):
+        state_lib.settings_from_config(load_config("tiny_decoder", **{"loss.dataset_scale": "metatool=5"}))
+
+
 @pytest.mark.parametrize("field, value", [("support_labels", "hidden"), ("support_source", "docs")])
 def test_support_options_of_a_decoder_are_errors(field, value):
     from mta_jax.train import state as state_lib

@@ -183,8 +183,12 @@ class AdaptScorer:
         tool_h, tool_mask = self._bottoms(texts, self.s.data.doc_len, _round_up(len(texts)))
         queries = [it.query for it in items]
         query_h, query_mask = self._bottoms(queries, self.s.data.query_len, rows)
-        return {"tool_h": tool_h, "tool_mask": tool_mask, "query_h": query_h, "query_mask": query_mask,
-                "cands": cands, "cand_mask": cand_mask, "label": labels}
+        batch = {"tool_h": tool_h, "tool_mask": tool_mask, "query_h": query_h, "query_mask": query_mask,
+                 "cands": cands, "cand_mask": cand_mask, "label": labels}
+        if self.s.loss_dataset_scale:  # the temperature this dataset's episodes were trained with
+            dataset = eval_set.name.split("/")[0]     # "metatool/test_sd" -> "metatool"
+            batch["scale"] = np.float32(dict(self.s.loss_dataset_scale).get(dataset, self.s.loss_scale))
+        return batch
 
     def _support_items(self, items, by_tool_fold: dict[str, np.ndarray]):
         """Round-robin over tools (sorted ids): each tool's first, then second, ... fold item."""

@@ -57,6 +57,9 @@ class BiEncoderLoss:
     * optional ``cand_mask [S, C]`` (bool): ``False`` drops a candidate from its item's softmax —
       padding of items with fewer than ``C`` candidates, or another gold tool of a multi-gold item.
 
+    * optional ``scale []``: this task's inverse temperature, overriding :attr:`scale` (per-dataset
+      temperatures, ``config.loss.dataset_scale``).
+
     Score = ``scale * cos(query, doc)`` (the sentence-transformers MultipleNegativesRanking recipe).
 
     Attributes:
@@ -77,7 +80,8 @@ class BiEncoderLoss:
         docs = self.embed(lora, base, batch["tool_h"], batch["tool_mask"])      # [N, D]
         queries = self.embed(lora, base, batch["query_h"], batch["query_mask"])  # [S, D]
         sims = queries @ docs.T                                                  # [S, N]
-        scores = self.scale * jnp.take_along_axis(sims, batch["cands"], axis=-1)  # [S, C]
+        scale = batch["scale"] if "scale" in batch else self.scale
+        scores = scale * jnp.take_along_axis(sims, batch["cands"], axis=-1)     # [S, C]
         if "cand_mask" in batch:  # finite, so that exp(logp) * logp stays 0 in the entropy
             scores = jnp.where(batch["cand_mask"], scores, MASKED_SCORE)
         return candidate_cross_entropy(scores, batch["label"])

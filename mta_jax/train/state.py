@@ -49,6 +49,7 @@ class Settings:
     model_dtype: str
     remat_layers: bool | str
     loss_scale: float
+    loss_dataset_scale: tuple[tuple[str, float], ...]  # (dataset, scale) overriding loss_scale for its episodes
     data: DataSettings
     episode: episodes.EpisodeConfig
     lora: lora_lib.LoRAConfig
@@ -85,6 +86,33 @@ def meta_config(m: ml_collections.ConfigDict) -> meta.MetaConfig:
                            support_weight=m.get("support_weight", 0.0))  # absent in older workdirs
 
 
+def parse_dataset_scale(spec: str, datasets) -> tuple[tuple[str, float], ...]:
+    """``config.loss.dataset_scale``: ``"metatool=10,toollens=40"`` -> ``(("metatool", 10.0), ("toollens", 40.0))``.
+
+    Each listed train dataset's episodes score with their own inverse temperature; the others keep
+    ``loss.scale``. Raises ValueError naming the field on a malformed entry, a dataset not in
+    ``config.data.datasets``, a repeated dataset or a scale that is not a positive number.
+    """
+    out: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in (spec or "").split(","))):
+        name, sep, value = entry.partition("=")
+        name = name.strip()
+        try:
+            scale = float(value) if sep else float("nan")
+        except ValueError:
+            scale = float("nan")
+        if not scale > 0:
+            raise ValueError(f"config.loss.dataset_scale: entry {entry!r} must be 'dataset=scale' with a "
+                             f"positive scale (got {spec!r})")
+        if name not in tuple(datasets):
+            raise ValueError(f"config.loss.dataset_scale: {name!r} is not a train dataset of "
+                             f"config.data.datasets={tuple(datasets)}")
+        if name in out:
+            raise ValueError(f"config.loss.dataset_scale: {name!r} is given twice in {spec!r}")
+        out[name] = scale
+    return tuple(out.items())
+
+
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     """Converts the experiment config once; every field must be present in the config file."""
     c = config
@@ -96,6 +124,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         keep_checkpoints=c.keep_checkpoints, val=validation.val_settings(c.eval_every, c.eval), init_from=c.init_from,
         model_kind=c.model.kind, model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
         loss_scale=c.loss.scale,
+        loss_dataset_scale=parse_dataset_scale(c.loss.get("dataset_scale", ""), c.data.datasets),  # absent in older workdirs
         data=_dc(DataSettings, c.data),
         episode=_dc(episodes.EpisodeConfig, c.episode),
         lora=_dc(lora_lib.LoRAConfig, c.lora),
@@ -106,6 +135,9 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         prefetch=c.prefetch,
     )
     _check_support(settings)
+    if settings.loss_dataset_scale and settings.model_kind != "encoder":
+        raise ValueError(f"config.loss.dataset_scale is implemented for the encoder workload only, not "
+                         f"model.kind={settings.model_kind!r} (whose loss has no temperature)")
     return settings
 
 

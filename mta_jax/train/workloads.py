@@ -104,6 +104,12 @@ class EncoderWorkload:
             self.docq_ids, self.docq_mask = self.tok.encode(
                 [render.pseudo_query(t) for t in self.pool.tools], s.data.query_len)
         self.loss_fn = losses.BiEncoderLoss(self.cfg, start=s.lora.first_layer, scale=s.loss_scale)
+        # Per-dataset inverse temperatures: a tool's dataset decides its episode's scale (one dataset per episode).
+        self.tool_scale = None
+        if s.loss_dataset_scale:
+            by_name = dict(s.loss_dataset_scale)
+            per_dataset = np.array([by_name.get(d, s.loss_scale) for d in self.pool.datasets], np.float32)
+            self.tool_scale = per_dataset[self.pool.tool_dataset]
 
     def host_batch(self, step: int, num_tasks: int) -> dict[str, np.ndarray]:
         """The index batch of ``step`` (pure in (seed, step); runs in the prefetch thread)."""
@@ -116,6 +122,8 @@ class EncoderWorkload:
                   "query_ids": self.query_ids, "query_mask": self.query_mask}
         if self.doc_queries:
             tables.update(docq_ids=self.docq_ids, docq_mask=self.docq_mask)
+        if self.tool_scale is not None:
+            tables["tool_scale"] = self.tool_scale
         return tables
 
     def task_sets(self, base, tables, batch):
@@ -133,8 +141,11 @@ class EncoderWorkload:
             h = encoder.run_layers(cfg, base, encoder.embed(cfg, base, ids.reshape(t * n, length)),
                                    mask.reshape(t * n, length), stop=start)
             h = jax.lax.stop_gradient(h).reshape(t, n, length, -1)
-            out.append({"tool_h": tool_h, "tool_mask": tool_mask, "query_h": h, "query_mask": mask,
-                        "cands": batch[f"{part}_cands"], "label": batch[f"{part}_label"]})
+            sets = {"tool_h": tool_h, "tool_mask": tool_mask, "query_h": h, "query_mask": mask,
+                    "cands": batch[f"{part}_cands"], "label": batch[f"{part}_label"]}
+            if self.tool_scale is not None:
+                sets["scale"] = tables["tool_scale"][batch["tools"][:, 0]]  # [T]
+            out.append(sets)
         return tuple(out)
 
 
