@@ -56,7 +56,6 @@ class BiEncoderLoss:
       position, or -1 for an unlabelled item (its loss is the entropy, see :func:`candidate_cross_entropy`).
     * optional ``cand_mask [S, C]`` (bool): ``False`` drops a candidate from its item's softmax —
       padding of items with fewer than ``C`` candidates, or another gold tool of a multi-gold item.
-
     * optional ``scale []``: this task's inverse temperature, overriding :attr:`scale` (per-dataset
       temperatures, ``config.loss.dataset_scale``).
 
