@@ -187,7 +187,7 @@ class AdaptScorer:
                  "cands": cands, "cand_mask": cand_mask, "label": labels}
         if self.s.loss_dataset_scale:  # the temperature this dataset's episodes were trained with
             dataset = eval_set.name.split("/")[0]     # "metatool/test_sd" -> "metatool"
-            batch["scale"] = np.float32(dict(self.s.loss_dataset_scale).get(dataset, self.s.loss_scale))
+            batch["scale"] = np.float32(self.s.dataset_loss_scale(dataset))
         return batch
 
     def _support_items(self, items, by_tool_fold: dict[str, np.ndarray]):

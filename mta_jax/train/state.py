@@ -61,6 +61,10 @@ class Settings:
     mesh: sharding.MeshConfig
     prefetch: int
 
+    def dataset_loss_scale(self, dataset: str) -> float:
+        """The inverse temperature trained for ``dataset``'s episodes (``loss.dataset_scale``, else ``loss.scale``)."""
+        return dict(self.loss_dataset_scale).get(dataset, self.loss_scale)
+
 
 def _dc(cls, d: ml_collections.ConfigDict | dict, **extra) -> Any:
     """Builds dataclass ``cls`` from a config section; unknown fields are an error, not ignored."""
@@ -95,10 +99,10 @@ def parse_dataset_scale(spec: str, datasets) -> tuple[tuple[str, float], ...]:
     """
     out: dict[str, float] = {}
     for entry in filter(None, (e.strip() for e in (spec or "").split(","))):
-        name, sep, value = entry.partition("=")
+        name, _, value = entry.partition("=")
         name = name.strip()
         try:
-            scale = float(value) if sep else float("nan")
+            scale = float(value)  # "" (no '=') raises too
         except ValueError:
             scale = float("nan")
         if not scale > 0:

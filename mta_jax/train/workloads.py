@@ -104,11 +104,10 @@ class EncoderWorkload:
             self.docq_ids, self.docq_mask = self.tok.encode(
                 [render.pseudo_query(t) for t in self.pool.tools], s.data.query_len)
         self.loss_fn = losses.BiEncoderLoss(self.cfg, start=s.lora.first_layer, scale=s.loss_scale)
-        # Per-dataset inverse temperatures: a tool's dataset decides its episode's scale (one dataset per episode).
+        # Per-dataset inverse temperatures, looked up per tool (see task_sets).
         self.tool_scale = None
         if s.loss_dataset_scale:
-            by_name = dict(s.loss_dataset_scale)
-            per_dataset = np.array([by_name.get(d, s.loss_scale) for d in self.pool.datasets], np.float32)
+            per_dataset = np.array([s.dataset_loss_scale(d) for d in self.pool.datasets], np.float32)
             self.tool_scale = per_dataset[self.pool.tool_dataset]
 
     def host_batch(self, step: int, num_tasks: int) -> dict[str, np.ndarray]:
@@ -131,6 +130,8 @@ class EncoderWorkload:
         cfg, start = self.cfg, self.s.lora.first_layer
         tool_h = tables["doc_h"][batch["tools"]]            # [T, N, Td, D]
         tool_mask = tables["doc_mask"][batch["tools"]]
+        # one dataset per episode: its first tool's scale is the task's (support and query alike)
+        scale = None if self.tool_scale is None else tables["tool_scale"][batch["tools"][:, 0]]  # [T]
         out = []
         for part in ("support", "query"):
             items = batch[f"{part}_items"]                    # [T, S]
@@ -143,8 +144,8 @@ class EncoderWorkload:
             h = jax.lax.stop_gradient(h).reshape(t, n, length, -1)
             sets = {"tool_h": tool_h, "tool_mask": tool_mask, "query_h": h, "query_mask": mask,
                     "cands": batch[f"{part}_cands"], "label": batch[f"{part}_label"]}
-            if self.tool_scale is not None:
-                sets["scale"] = tables["tool_scale"][batch["tools"][:, 0]]  # [T]
+            if scale is not None:
+                sets["scale"] = scale
             out.append(sets)
         return tuple(out)
 
