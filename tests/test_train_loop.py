@@ -325,6 +325,26 @@ def test_resuming_a_workdir_with_another_config_is_refused(uninterrupted, tmp_pa
     assert int(jax.device_get(state.step)) == 6
 
 
+def test_a_workdir_saved_before_a_config_field_existed_resumes_under_its_neutral_value(
+        uninterrupted, tmp_path, data_dir):
+    """A run saved by a version without ``loss.dataset_scale`` is the same run as ``dataset_scale=""``
+    (upgrading the library must not orphan workdirs), but not as any other value of the field."""
+    wd_full, _ = uninterrupted
+    wd = tmp_path / "old"
+    shutil.copytree(wd_full, wd)
+    stored = sorted(wd.glob("checkpoints/*/identity/metadata"))
+    assert stored
+    for path in stored:                       # what the older version wrote: no such field
+        identity = json.loads(path.read_text())
+        del identity["config"]["loss"]["dataset_scale"]
+        path.write_text(json.dumps(identity))
+    with pytest.raises(ValueError, match=r"another config \(loss.dataset_scale: '' -> 'metatool=5'\)"):
+        loop.train(tiny_config(**{"steps": 6, "loss.dataset_scale": "metatool=5"}), wd, str(data_dir))
+    state = loop.train(tiny_config(steps=6), wd, str(data_dir))
+    assert int(jax.device_get(state.step)) == 6
+    assert set(losses(wd)) >= {6}
+
+
 def test_a_checkpoint_of_other_shapes_is_refused_not_restored(uninterrupted, tmp_path):
     from mta_jax.train import checkpoint
 

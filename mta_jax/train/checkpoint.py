@@ -154,6 +154,12 @@ RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints"
                     "meta.inner_hvp")
 
 
+# Config fields added to the library after runs were saved, each with the value that reproduces the
+# runs saved before it existed. A saved config without such a field reads as holding that value, so a
+# workdir trained by an older version resumes (or is reused by a sweep) instead of being refused.
+ADDED_FIELDS = {"loss.dataset_scale": ""}
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -166,8 +172,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """``{dotted field: (saved value, current value)}`` for the config fields that differ between a
-    checkpoint's run and this one, except :data:`RESUMABLE_FIELDS` (``"<absent>"`` for a missing one)."""
+    checkpoint's run and this one, except :data:`RESUMABLE_FIELDS` (``"<absent>"`` for a missing one;
+    a field of :data:`ADDED_FIELDS` missing from ``saved`` holds its neutral value there)."""
     a, b = _flat(saved), _flat(current)
+    a.update({k: v for k, v in ADDED_FIELDS.items() if k in b and k not in a})
     free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)  # noqa: E731
     pairs = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if not free(k)}
     return {k: v for k, v in pairs.items() if v[0] != v[1]}
