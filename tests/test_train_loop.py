@@ -345,6 +345,24 @@ def test_a_workdir_saved_before_a_config_field_existed_resumes_under_its_neutral
     assert set(losses(wd)) >= {6}
 
 
+@pytest.mark.parametrize("name", ["minilm_mta", "minilm_ft", "tiny", "tiny_decoder"])
+def test_every_config_field_added_since_the_baseline_has_a_neutral_value(name):
+    """Guards the resume of older workdirs: a compared config field that the baseline list does not
+    hold must be in ``checkpoint.ADDED_FIELDS``, whose value must be the config's default."""
+    from mta_jax.train import checkpoint
+
+    listed = pathlib.Path(__file__).with_name("config_fields_baseline.txt").read_text().splitlines()
+    baseline = {line.strip() for line in listed if line.strip() and not line.startswith("#")}
+    fields = checkpoint._flat(load_config(name).to_dict())
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in checkpoint.RESUMABLE_FIELDS)  # noqa: E731
+    new = sorted(k for k in fields if not free(k) and k not in baseline and k not in checkpoint.ADDED_FIELDS)
+    assert not new, (f"configs/{name}.py: field(s) {new} are new since the baseline; add each to "
+                     f"checkpoint.ADDED_FIELDS with the value that reproduces runs saved before it")
+    for k, neutral in checkpoint.ADDED_FIELDS.items():
+        if k in fields:
+            assert fields[k] == neutral, f"configs/{name}.py: default {k}={fields[k]!r}, neutral {neutral!r}"
+
+
 def test_a_checkpoint_of_other_shapes_is_refused_not_restored(uninterrupted, tmp_path):
     from mta_jax.train import checkpoint
 
