@@ -354,8 +354,8 @@ def test_every_config_field_added_since_the_baseline_has_a_neutral_value(name):
     listed = pathlib.Path(__file__).with_name("config_fields_baseline.txt").read_text().splitlines()
     baseline = {line.strip() for line in listed if line.strip() and not line.startswith("#")}
     fields = checkpoint._flat(load_config(name).to_dict())
-    free = lambda k: any(k == f or k.startswith(f + ".") for f in checkpoint.RESUMABLE_FIELDS)  # noqa: E731
-    new = sorted(k for k in fields if not free(k) and k not in baseline and k not in checkpoint.ADDED_FIELDS)
+    new = sorted(k for k in fields
+                 if not checkpoint.is_resumable(k) and k not in baseline and k not in checkpoint.ADDED_FIELDS)
     assert not new, (f"configs/{name}.py: field(s) {new} are new since the baseline; add each to "
                      f"checkpoint.ADDED_FIELDS with the value that reproduces runs saved before it")
     for k, neutral in checkpoint.ADDED_FIELDS.items():

@@ -154,6 +154,11 @@ RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints"
                     "meta.inner_hvp")
 
 
+def is_resumable(field: str) -> bool:
+    """Whether a resume may change the dotted config ``field`` (a :data:`RESUMABLE_FIELDS` entry or under one)."""
+    return any(field == f or field.startswith(f + ".") for f in RESUMABLE_FIELDS)
+
+
 # Config fields added to the library after runs were saved, each with the value that reproduces the
 # runs saved before it existed. A saved config without such a field reads as holding that value, so a
 # workdir trained by an older version resumes (or is reused by a sweep) instead of being refused.
@@ -176,8 +181,7 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     a field of :data:`ADDED_FIELDS` missing from ``saved`` holds its neutral value there)."""
     a, b = _flat(saved), _flat(current)
     a.update({k: v for k, v in ADDED_FIELDS.items() if k in b and k not in a})
-    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)  # noqa: E731
-    pairs = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if not free(k)}
+    pairs = {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if not is_resumable(k)}
     return {k: v for k, v in pairs.items() if v[0] != v[1]}
 
 

@@ -128,7 +128,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         keep_checkpoints=c.keep_checkpoints, val=validation.val_settings(c.eval_every, c.eval), init_from=c.init_from,
         model_kind=c.model.kind, model_path=c.model.path, model_dtype=c.model.dtype, remat_layers=c.model.remat,
         loss_scale=c.loss.scale,
-        loss_dataset_scale=parse_dataset_scale(c.loss.get("dataset_scale", ""), c.data.datasets),  # absent in older workdirs
+        # decoder configs have no loss.dataset_scale, nor workdirs saved before it (checkpoint.ADDED_FIELDS)
+        loss_dataset_scale=parse_dataset_scale(c.loss.get("dataset_scale", ""), c.data.datasets),
         data=_dc(DataSettings, c.data),
         episode=_dc(episodes.EpisodeConfig, c.episode),
         lora=_dc(lora_lib.LoRAConfig, c.lora),
