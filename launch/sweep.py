@@ -11,7 +11,8 @@ per cell and the paired differences ``mta − ft`` (and ``mta_adapt − ft_adapt
 ... for every MTA method whose FT counterpart is also listed) with win counts.
 Each command's output goes to ``ROOT/logs/``; a failing command stops the sweep with its log tail.
 ``--args`` reach all three commands (e.g. ``--config.model.path=...``), ``--mta_args`` /
-``--ft_args`` one training each. ``--jobs`` runs that many seeds at once (a GPU with room to
+``--ft_args`` one training each; ``{seed}`` in any of them becomes the seed (e.g.
+``--mta_args=--config.init_from=runs/ft/ft_s{seed}`` starts every seed from its own run). ``--jobs`` runs that many seeds at once (a GPU with room to
 spare, or a many-core host), after the first seed has run alone to fill the compilation cache; on a
 2-core CPU keep 1.
 """
@@ -38,9 +39,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _ROOT = flags.DEFINE_string("root", None, "Output root: ROOT/{mta,ft}_s<seed>, ROOT/sweep.md.")
 _METHODS = flags.DEFINE_list("methods", ["zero_shot", "ft", "mta"], "Eval methods.")
 _SETS = flags.DEFINE_list("sets", None, "Eval sets (default: the config's eval.sets).")
-_ARGS = flags.DEFINE_string("args", "", "Extra arguments for every train and eval command.")
-_MTA_ARGS = flags.DEFINE_string("mta_args", "", "Extra arguments for the MTA training only.")
-_FT_ARGS = flags.DEFINE_string("ft_args", "", "Extra arguments for the FT training only.")
+_ARGS = flags.DEFINE_string("args", "", "Extra arguments for every train and eval command ({seed}: the seed).")
+_MTA_ARGS = flags.DEFINE_string("mta_args", "", "Extra arguments for the MTA training only ({seed}: the seed).")
+_FT_ARGS = flags.DEFINE_string("ft_args", "", "Extra arguments for the FT training only ({seed}: the seed).")
 _REEVAL = flags.DEFINE_bool("reeval", False, "Evaluate every seed again, even where WORKDIR/eval already holds "
                             "the same methods and sets and is newer than the checkpoints.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Seeds run concurrently.")
@@ -68,21 +69,27 @@ def _run(cmd: list[str], log: pathlib.Path) -> float:
     return time.perf_counter() - t0
 
 
+def _seed_args(flag: flags.FlagHolder, seed: int) -> list[str]:
+    """A ``--*args`` flag's value as arguments, with every ``{seed}`` replaced by this seed (a plain
+    replacement: other braces, e.g. in a regex, stay as they are)."""
+    return shlex.split(flag.value.replace("{seed}", str(seed)))
+
+
 def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathlib.Path:
     from mta_jax.eval import sweep
 
-    py, extra = sys.executable, shlex.split(_ARGS.value)
+    py, extra = sys.executable, _seed_args(_ARGS, seed)
     mta_dir, ft_dir = root / f"mta_s{seed}", root / f"ft_s{seed}"
     logs = root / "logs"
     common = ["--config.seed=" + str(seed)] + data_args + extra
     sec = _run([py, "launch/train.py", "--config", _abs_config(_CONFIG.value), "--workdir", str(mta_dir)] + common
-               + shlex.split(_MTA_ARGS.value), logs / f"train_mta_s{seed}.log")
+               + _seed_args(_MTA_ARGS, seed), logs / f"train_mta_s{seed}.log")
     print(f"[sweep] seed {seed}: MTA trained in {sec:.0f}s", flush=True)
     eval_cmd = [py, "launch/eval.py", "--config", _abs_config(_CONFIG.value), "--workdir", str(mta_dir),
                 "--methods=" + ",".join(_METHODS.value)] + data_args + extra
     if _FT_CONFIG.value:
         sec = _run([py, "launch/train.py", "--config", _abs_config(_FT_CONFIG.value), "--workdir", str(ft_dir)] + common
-                   + shlex.split(_FT_ARGS.value), logs / f"train_ft_s{seed}.log")
+                   + _seed_args(_FT_ARGS, seed), logs / f"train_ft_s{seed}.log")
         print(f"[sweep] seed {seed}: FT trained in {sec:.0f}s", flush=True)
         eval_cmd += ["--ft_workdir", str(ft_dir)]
     if _SETS.value is not None:

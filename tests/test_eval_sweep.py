@@ -114,6 +114,7 @@ def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
     root = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "launch" / "sweep.py"), "--config", "configs/tiny.py",
            "--ft_config", "configs/tiny.py", "--ft_args=--config.meta.algorithm=pooled --config.meta.support_weight=0",
+           "--mta_args=--config.log_every=1{seed}",  # "{seed}" is each seed's own value
            "--seeds=1,0", f"--root={root}", "--methods=ft,mta", "--args=--config.steps=2", "--jobs=2",
            f"--data_dir={data_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
@@ -122,6 +123,8 @@ def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
     for s in (0, 1):
         cfg = json.loads((root / f"ft_s{s}" / "config.json").read_text())
         assert (cfg["seed"], cfg["steps"], cfg["meta"]["algorithm"]) == (s, 2, "pooled")
+        cfg = json.loads((root / f"mta_s{s}" / "config.json").read_text())
+        assert (cfg["seed"], cfg["log_every"]) == (s, 10 + s)
     got = json.loads((root / "sweep.json").read_text())
     assert got["seeds"] == [0, 1]
     cell = got["table"]["metatool/val_sd"]["mta"]
