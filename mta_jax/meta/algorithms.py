@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mta_jax.meta.inner import InnerConfig, LossFn, adapt
-from mta_jax.meta.outer import map_tasks, task_loss
+from mta_jax.meta.outer import map_tasks, mean_metrics, task_loss
 
 PyTree = Any
 
@@ -154,6 +154,12 @@ def _msgd_adapt(meta_params, loss_fn, support, cfg):
     return adapt(meta_params["init"], loss_fn, support, cfg.inner, has_aux=True, lrs=meta_params["lr"])
 
 
+def _task_metrics(pre, post, aux) -> dict:
+    """One task's logged metrics: support loss before / after adaptation and the outer aux means
+    (the keys ``task_loss`` logs for MAML)."""
+    return {"inner/loss_pre": pre, "inner/loss_post": post, **mean_metrics(aux, "outer/")}
+
+
 # --- Pooled multi-task fine-tuning and Reptile: the task's data is support and query together. --
 
 def _pooled_loss(loss_fn: LossFn) -> LossFn:
@@ -170,9 +176,7 @@ def _pooled_outer(meta_params, loss_fn, supports, queries, cfg):
     def loss_and_metrics(p, s, q):
         loss, aux = pooled(p, (s, q))
         ls = jax.lax.stop_gradient(loss_fn(p, s)[0])  # the same forward XLA already did
-        metrics = {"inner/loss_pre": ls, "inner/loss_post": ls}
-        metrics.update({f"outer/{k}": jnp.mean(v) for k, v in aux.items()})
-        return loss, metrics
+        return loss, _task_metrics(ls, ls, aux)
 
     return _per_task_grads(loss_and_metrics, meta_params, supports, queries, cfg)
 
@@ -192,10 +196,8 @@ def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
         post, post_aux = pooled(phi, (s, q))
         direction = jax.tree.map(lambda t, p: t - p, theta, phi)
         pre = aux.losses[0] if inner.steps > 0 else post
-        metrics = {"inner/loss_pre": pre, "inner/loss_post": post}
         # Task-data aux after adaptation (in-sample for Reptile: it adapts on support and query).
-        metrics.update({f"outer/{k}": jnp.mean(v) for k, v in post_aux.items()})
-        return pre, direction, metrics
+        return pre, direction, _task_metrics(pre, post, post_aux)
 
     return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 
@@ -265,9 +267,7 @@ def _imaml_outer(meta_params, loss_fn, supports, queries, cfg):
         g = conjugate_gradient(matvec, gq, cfg.imaml_cg_steps)
         post = loss_fn(phi, s)[0]
         pre = aux.losses[0] if inner.steps > 0 else post
-        metrics = {"inner/loss_pre": pre, "inner/loss_post": post}
-        metrics.update({f"outer/{k}": jnp.mean(v) for k, v in qaux.items()})
-        return loss, g, metrics
+        return loss, g, _task_metrics(pre, post, qaux)
 
     return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 

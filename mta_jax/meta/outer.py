@@ -16,7 +16,8 @@ from mta_jax.meta.inner import InnerConfig, LossFn, adapt, call_loss
 PyTree = Any
 
 
-def _mean_metrics(aux: dict | None, prefix: str) -> dict:
+def mean_metrics(aux: dict | None, prefix: str) -> dict:
+    """A loss's aux dict as scalar metrics: each entry's mean, its name prefixed."""
     if aux is None:
         return {}
     if not isinstance(aux, dict):
@@ -67,7 +68,7 @@ def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, c
     if post_loss:
         post = pre if cfg.steps == 0 else call_loss(loss_fn, jax.lax.stop_gradient(adapted), support, True)[0]
         metrics["inner/loss_post"] = jax.lax.stop_gradient(post)
-    metrics.update(_mean_metrics(qaux, "outer/"))
+    metrics.update(mean_metrics(qaux, "outer/"))
     return loss, metrics
 
 
