@@ -12,9 +12,9 @@ per cell and the paired differences ``mta − ft`` (and ``mta_adapt − ft_adapt
 Each command's output goes to ``ROOT/logs/``; a failing command stops the sweep with its log tail.
 ``--args`` reach all three commands (e.g. ``--config.model.path=...``), ``--mta_args`` /
 ``--ft_args`` one training each; ``{seed}`` in any of them becomes the seed (e.g.
-``--mta_args=--config.init_from=runs/ft/ft_s{seed}`` starts every seed from its own run). ``--jobs`` runs that many seeds at once (a GPU with room to
-spare, or a many-core host), after the first seed has run alone to fill the compilation cache; on a
-2-core CPU keep 1.
+``--mta_args=--config.init_from=runs/ft/ft_s{seed}`` starts every seed from its own run).
+``--jobs`` runs that many seeds at once (a GPU with room to spare, or a many-core host), after the
+first seed has run alone to fill the compilation cache; on a 2-core CPU keep 1.
 """
 import pathlib
 import sys
