@@ -201,6 +201,20 @@ def test_deep_configs_are_the_defaults_with_the_measured_overrides():
         assert deep.to_dict() == base.to_dict(), name
 
 
+def test_2shot_configs_are_the_defaults_with_the_measured_overrides():
+    """minilm_{mta,ft}_2shot were measured (session 22, four seeds) as the defaults plus these
+    overrides on the command line: keep it so."""
+    from mta_jax import config_files
+
+    for name, methods in (("mta", ("zero_shot", "mta", "mta_adapt")), ("ft", ("ft", "ft_adapt"))):
+        base = config_files.load(REPO / "configs" / f"minilm_{name}.py")
+        two = config_files.load(REPO / "configs" / f"minilm_{name}_2shot.py")
+        base.lora.first_layer, base.loss.scale = 2, 10.0
+        base.episode.tools_per_episode, base.episode.support, base.episode.query = 5, 10, 10
+        base.eval.methods = methods
+        assert two.to_dict() == base.to_dict(), name
+
+
 def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
     """smollm2_{mta,ft} were measured as qwen2_mta plus these overrides (FT: pooled, same budget)."""
     from mta_jax import config_files
