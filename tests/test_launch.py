@@ -172,47 +172,43 @@ def test_config_files_load_and_report_bad_paths(tmp_path):
         config_files.load(tmp_path / "bad.py")
 
 
-def test_long_configs_are_the_defaults_with_twenty_times_the_budget():
-    """The measured 20x runs (session 17) used the default configs with these four overrides and
-    nothing else, the default rendering included: keep it so."""
+def _with_overrides(config, overrides: dict):
+    """``config`` with each dotted ``field: value`` of ``overrides`` set."""
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+# The measured minilm variants, each the defaults plus exactly these overrides (and, per method
+# family, these eval methods): minilm_{mta,ft}_long are the 20x runs of session 17, the default
+# rendering included; _deep the runs of sessions 10-11; _2shot the four seeds of session 22, trained
+# with these overrides on the command line.
+_MINILM_VARIANTS = {
+    "long": ({"steps": 500, "tasks_per_step": 16, "checkpoint_every": 250, "log_every": 50}, None),
+    "deep": ({"data.doc_style": "full_doc", "data.doc_len": 128, "lora.first_layer": 2, "eval.adapt_steps": 3},
+             {"mta": ("zero_shot", "zero_shot@full_doc", "mta", "mta_adapt"), "ft": ("ft", "ft_adapt")}),
+    "2shot": ({"lora.first_layer": 2, "loss.scale": 10.0, "episode.tools_per_episode": 5,
+               "episode.support": 10, "episode.query": 10},
+              {"mta": ("zero_shot", "mta", "mta_adapt"), "ft": ("ft", "ft_adapt")}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_MINILM_VARIANTS))
+def test_minilm_variant_configs_are_the_defaults_with_the_measured_overrides(variant):
+    """Keep each measured variant config equal to what was measured: the defaults plus its overrides."""
     from mta_jax import config_files
 
-    budget = {"steps": 500, "tasks_per_step": 16, "checkpoint_every": 250, "log_every": 50}
+    overrides, methods = _MINILM_VARIANTS[variant]
     for name in ("mta", "ft"):
-        base = config_files.load(REPO / "configs" / f"minilm_{name}.py")
-        long = config_files.load(REPO / "configs" / f"minilm_{name}_long.py")
-        for k, v in budget.items():
-            base[k] = v
-        assert long.to_dict() == base.to_dict(), name
-
-
-def test_deep_configs_are_the_defaults_with_the_measured_overrides():
-    """minilm_{mta,ft}_deep were measured as the defaults plus these overrides: keep it so."""
-    from mta_jax import config_files
-
-    for name, methods in (("mta", ("zero_shot", "zero_shot@full_doc", "mta", "mta_adapt")),
-                          ("ft", ("ft", "ft_adapt"))):
-        base = config_files.load(REPO / "configs" / f"minilm_{name}.py")
-        deep = config_files.load(REPO / "configs" / f"minilm_{name}_deep.py")
-        base.data.doc_style, base.data.doc_len = "full_doc", 128
-        base.lora.first_layer = 2
-        base.eval.adapt_steps = 3
-        base.eval.methods = methods
-        assert deep.to_dict() == base.to_dict(), name
-
-
-def test_2shot_configs_are_the_defaults_with_the_measured_overrides():
-    """minilm_{mta,ft}_2shot were measured (session 22, four seeds) as the defaults plus these
-    overrides on the command line: keep it so."""
-    from mta_jax import config_files
-
-    for name, methods in (("mta", ("zero_shot", "mta", "mta_adapt")), ("ft", ("ft", "ft_adapt"))):
-        base = config_files.load(REPO / "configs" / f"minilm_{name}.py")
-        two = config_files.load(REPO / "configs" / f"minilm_{name}_2shot.py")
-        base.lora.first_layer, base.loss.scale = 2, 10.0
-        base.episode.tools_per_episode, base.episode.support, base.episode.query = 5, 10, 10
-        base.eval.methods = methods
-        assert two.to_dict() == base.to_dict(), name
+        base = _with_overrides(config_files.load(REPO / "configs" / f"minilm_{name}.py"), overrides)
+        if methods is not None:
+            base.eval.methods = methods[name]
+        got = config_files.load(REPO / "configs" / f"minilm_{name}_{variant}.py")
+        assert got.to_dict() == base.to_dict(), name
 
 
 def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
@@ -225,12 +221,7 @@ def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
                  "outer.warmup": 10, "outer.lr": 1e-3, "eval.methods": ("zero_shot", "mta"),
                  "eval.sets": ("metatool/val_sd", "toollens/val_sd"), "eval.protocol_seeds": (0,),
                  "eval.max_items": 500, "eval.batch_size": 16}
-    for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        node = base
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    base = _with_overrides(base, overrides)
     mta = config_files.load(REPO / "configs" / "smollm2_mta.py", "/ckpt")
     assert mta.to_dict() == base.to_dict()
     ft = config_files.load(REPO / "configs" / "smollm2_ft.py", "/ckpt")
