@@ -27,18 +27,22 @@ def data_dir() -> pathlib.Path:
     return pathlib.Path(d)
 
 
-def load_config(name: str, **overrides):
-    """``configs/<name>.py``'s ``get_config()`` with dotted overrides, e.g. ``**{"mesh.data": 1}``."""
-    from mta_jax import config_files
-
-    c = config_files.load(_REPO / "configs" / f"{name}.py")
+def with_overrides(config, overrides: dict):
+    """``config`` with each dotted ``field: value`` of ``overrides`` set, e.g. ``{"mesh.data": 1}``."""
     for key, value in overrides.items():
-        node = c
+        node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config
+
+
+def load_config(name: str, **overrides):
+    """``configs/<name>.py``'s ``get_config()`` with dotted overrides, e.g. ``**{"mesh.data": 1}``."""
+    from mta_jax import config_files
+
+    return with_overrides(config_files.load(_REPO / "configs" / f"{name}.py"), overrides)
 
 
 def pytest_sessionfinish(session, exitstatus):

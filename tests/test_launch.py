@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mta_jax.eval import methods as eval_methods, report, sets
+from conftest import load_config, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -172,17 +173,6 @@ def test_config_files_load_and_report_bad_paths(tmp_path):
         config_files.load(tmp_path / "bad.py")
 
 
-def _with_overrides(config, overrides: dict):
-    """``config`` with each dotted ``field: value`` of ``overrides`` set."""
-    for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
-
-
 # The measured minilm variants, each the defaults plus exactly these overrides (and, per method
 # family, these eval methods): minilm_{mta,ft}_long are the 20x runs of session 17, the default
 # rendering included; _deep the runs of sessions 10-11; _2shot the four seeds of session 22, trained
@@ -200,15 +190,12 @@ _MINILM_VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(_MINILM_VARIANTS))
 def test_minilm_variant_configs_are_the_defaults_with_the_measured_overrides(variant):
     """Keep each measured variant config equal to what was measured: the defaults plus its overrides."""
-    from mta_jax import config_files
-
     overrides, methods = _MINILM_VARIANTS[variant]
     for name in ("mta", "ft"):
-        base = _with_overrides(config_files.load(REPO / "configs" / f"minilm_{name}.py"), overrides)
+        base = load_config(f"minilm_{name}", **overrides)
         if methods is not None:
             base.eval.methods = methods[name]
-        got = config_files.load(REPO / "configs" / f"minilm_{name}_{variant}.py")
-        assert got.to_dict() == base.to_dict(), name
+        assert load_config(f"minilm_{name}_{variant}").to_dict() == base.to_dict(), name
 
 
 def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
@@ -221,7 +208,7 @@ def test_smollm2_configs_are_the_decoder_recipe_sized_for_the_cpu():
                  "outer.warmup": 10, "outer.lr": 1e-3, "eval.methods": ("zero_shot", "mta"),
                  "eval.sets": ("metatool/val_sd", "toollens/val_sd"), "eval.protocol_seeds": (0,),
                  "eval.max_items": 500, "eval.batch_size": 16}
-    base = _with_overrides(base, overrides)
+    base = with_overrides(base, overrides)
     mta = config_files.load(REPO / "configs" / "smollm2_mta.py", "/ckpt")
     assert mta.to_dict() == base.to_dict()
     ft = config_files.load(REPO / "configs" / "smollm2_ft.py", "/ckpt")
