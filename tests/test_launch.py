@@ -41,6 +41,21 @@ def test_train_writes_metrics_contract(trained):
     assert "step_time_sec" in timing
 
 
+def test_transfer_reads_the_runs_logs(trained, tmp_path):
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    weight = json.loads((trained / "config.json").read_text())["meta"]["support_weight"]
+    for r in rows:  # the logged query loss is the objective without its support term
+        np.testing.assert_allclose(r["outer/query_loss"], r["outer/loss"] - weight * r["inner/loss_pre"], rtol=1e-5)
+    out = run("transfer.py", f"--workdirs={trained}").stdout.splitlines()
+    cells = [c.strip() for c in out[-1].strip("|").split("|")]
+    assert cells[:3] == [str(trained), "maml", "2"], cells
+    pre, post, query = (np.mean([r[k] for r in rows]) for k in ("inner/loss_pre", "inner/loss_post", "outer/query_loss"))
+    assert [float(c) for c in cells[3:6]] == [round(float(x), 3) for x in (pre, post, query)]
+    assert cells[7] == f"{100 * (pre - query) / (pre - post):.0f}%"
+    proc = run("transfer.py", f"--workdirs={tmp_path}", check=False)
+    assert proc.returncode and f"{tmp_path / 'config.json'} not found" in proc.stderr
+
+
 def test_eval_writes_results_json_md_png(trained, tmp_path, data_dir):
     extra = tmp_path / "mytools"
     extra.mkdir()

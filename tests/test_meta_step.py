@@ -62,7 +62,7 @@ def test_meta_step_metrics_and_no_retracing(name):
         losses.append(metrics["outer/loss"])
     assert first > 0 and len(traces) == first, (first, len(traces))
     assert int(state.step) == 3
-    want = {"outer/loss", "outer/grad_norm", "inner/loss_pre", "inner/loss_post", "outer/acc"}
+    want = {"outer/loss", "outer/grad_norm", "inner/loss_pre", "inner/loss_post", "outer/query_loss", "outer/acc"}
     assert want <= set(metrics), sorted(metrics)
     for k, v in metrics.items():
         assert v.shape == () and np.isfinite(float(v)), (k, v)
@@ -86,8 +86,43 @@ def test_task_loss_aux_and_adapt_return_aux():
     np.testing.assert_allclose(metrics["inner/loss_post"], fn(adapted, s)[0], rtol=1e-6)
     np.testing.assert_allclose(loss, fn(adapted, q)[0], rtol=1e-6)
     np.testing.assert_allclose(metrics["outer/acc"], fn(adapted, q)[1]["acc"])
+    np.testing.assert_allclose(metrics["outer/query_loss"], loss, rtol=1e-6)
     _, lean = meta.task_loss(lora, fn, s, q, cfg, has_aux=True, post_loss=False)
     assert set(lean) == set(metrics) - {"inner/loss_post"}
+    # With the support term the objective grows by w * L_s(theta); outer/query_loss does not.
+    weighted, wm = meta.task_loss(lora, fn, s, q, cfg, has_aux=True, support_weight=0.5)
+    np.testing.assert_allclose(weighted, loss + 0.5 * fn(lora, s)[0], rtol=1e-6)
+    np.testing.assert_allclose(wm["outer/query_loss"], loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["maml", "pooled", "imaml", "reptile"])
+def test_logged_query_loss_is_the_query_loss_of_the_scored_parameters(name):
+    """``outer/query_loss``: the query items' loss after adapting on the support items (MAML, iMAML),
+    at the initialisation (pooled: no adaptation), after adapting on both (Reptile, in-sample) —
+    what ``launch/transfer.py`` compares with the support loss."""
+    base, lora = _model(jax.random.PRNGKey(0))
+    sup, qry = _tasks(jax.random.PRNGKey(1), 2, 8), _tasks(jax.random.PRNGKey(2), 2, 8)
+    inner = meta.InnerConfig(steps=2, lr=0.3)
+    algo = meta.MetaConfig(name=name, inner=inner, support_weight=0.5 if name == "maml" else 0.0)
+    step = meta.make_meta_step(lambda p, b, x: base_loss(p, b, x), algo, optax.sgd(0.0), has_aux=True, jit=False)
+    _, metrics = step(meta.init_state(lora, algo, optax.sgd(0.0)), base, sup, qry)
+    fn = lambda p, b: base_loss(p, base, b)
+    want = []
+    for t in range(2):
+        s, q = jax.tree.map(lambda x: x[t], sup), jax.tree.map(lambda x: x[t], qry)
+        if name == "pooled":
+            params = lora
+        elif name == "reptile":
+            pooled = lambda p, sq: (0.5 * (fn(p, sq[0])[0] + fn(p, sq[1])[0]), {})
+            params = meta.adapt(lora, pooled, (s, q), inner, has_aux=True)
+        else:
+            prox = dict(prox=algo.imaml_lambda) if name == "imaml" else {}
+            params = meta.adapt(lora, fn, s, meta.InnerConfig(steps=2, lr=0.3, **prox), has_aux=True)
+        want.append(fn(params, q)[0])
+    np.testing.assert_allclose(metrics["outer/query_loss"], np.mean(want), rtol=2e-5)
+    if name == "maml":  # the objective adds the weighted support loss; the logged query loss not
+        pre = np.mean([fn(lora, jax.tree.map(lambda x: x[t], sup))[0] for t in range(2)])
+        np.testing.assert_allclose(metrics["outer/loss"], np.mean(want) + 0.5 * pre, rtol=2e-5)
 
 
 def test_adapt_for_eval_and_initial_params():

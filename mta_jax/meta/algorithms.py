@@ -154,10 +154,12 @@ def _msgd_adapt(meta_params, loss_fn, support, cfg):
     return adapt(meta_params["init"], loss_fn, support, cfg.inner, has_aux=True, lrs=meta_params["lr"])
 
 
-def _task_metrics(pre, post, aux) -> dict:
-    """One task's logged metrics: support loss before / after adaptation and the outer aux means
-    (the keys ``task_loss`` logs for MAML)."""
-    return {"inner/loss_pre": pre, "inner/loss_post": post, **mean_metrics(aux, "outer/")}
+def _task_metrics(pre, post, query_loss, aux) -> dict:
+    """One task's logged metrics, the keys ``task_loss`` logs for MAML: the support loss before and
+    after adaptation, the query loss of the parameters the query is scored with, and the outer aux
+    means."""
+    return {"inner/loss_pre": pre, "inner/loss_post": post, "outer/query_loss": query_loss,
+            **mean_metrics(aux, "outer/")}
 
 
 # --- Pooled multi-task fine-tuning and Reptile: the task's data is support and query together. --
@@ -165,18 +167,21 @@ def _task_metrics(pre, post, aux) -> dict:
 def _pooled_loss(loss_fn: LossFn) -> LossFn:
     """``(params, (support, query)) -> mean of the two losses (and of their aux)``."""
     def f(params, sq):
-        (ls, a_s), (lq, a_q) = loss_fn(params, sq[0]), loss_fn(params, sq[1])
-        return 0.5 * (ls + lq), jax.tree.map(lambda x, y: 0.5 * (x + y), a_s, a_q)
+        return _pooled_parts(loss_fn, params, sq)[0]
     return f
 
 
-def _pooled_outer(meta_params, loss_fn, supports, queries, cfg):
-    pooled = _pooled_loss(loss_fn)
+def _pooled_parts(loss_fn: LossFn, params, sq):
+    """``((pooled loss, mean aux), support loss, query loss)`` of one task's ``(support, query)``."""
+    (ls, a_s), (lq, a_q) = loss_fn(params, sq[0]), loss_fn(params, sq[1])
+    return (0.5 * (ls + lq), jax.tree.map(lambda x, y: 0.5 * (x + y), a_s, a_q)), ls, lq
 
+
+def _pooled_outer(meta_params, loss_fn, supports, queries, cfg):
     def loss_and_metrics(p, s, q):
-        loss, aux = pooled(p, (s, q))
-        ls = jax.lax.stop_gradient(loss_fn(p, s)[0])  # the same forward XLA already did
-        return loss, _task_metrics(ls, ls, aux)
+        (loss, aux), ls, lq = _pooled_parts(loss_fn, p, (s, q))
+        ls, lq = _sg(ls), _sg(lq)
+        return loss, _task_metrics(ls, ls, lq, aux)  # no adaptation: pre = post
 
     return _per_task_grads(loss_and_metrics, meta_params, supports, queries, cfg)
 
@@ -193,11 +198,12 @@ def _reptile_outer(meta_params, loss_fn, supports, queries, cfg):
 
     def per_task(s, q):
         phi, aux = adapt(theta, pooled, (s, q), inner, has_aux=True, return_aux=True)
-        post, post_aux = pooled(phi, (s, q))
+        (post, post_aux), _, post_q = _pooled_parts(loss_fn, phi, (s, q))
         direction = jax.tree.map(lambda t, p: t - p, theta, phi)
         pre = aux.losses[0] if inner.steps > 0 else post
-        # Task-data aux after adaptation (in-sample for Reptile: it adapts on support and query).
-        return pre, direction, _task_metrics(pre, post, post_aux)
+        # Task-data losses after adaptation: in-sample for Reptile, which adapts on support and
+        # query together (its "support" loss is the pooled one and its query loss no transfer).
+        return pre, direction, _task_metrics(pre, post, post_q, post_aux)
 
     return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 
@@ -267,7 +273,7 @@ def _imaml_outer(meta_params, loss_fn, supports, queries, cfg):
         g = conjugate_gradient(matvec, gq, cfg.imaml_cg_steps)
         post = loss_fn(phi, s)[0]
         pre = aux.losses[0] if inner.steps > 0 else post
-        return loss, g, _task_metrics(pre, post, qaux)
+        return loss, g, _task_metrics(pre, post, loss, qaux)
 
     return jax.tree.map(_task_mean, map_tasks(per_task, supports, queries, cfg.task_chunk))
 

@@ -50,21 +50,22 @@ def task_loss(params: PyTree, loss_fn: LossFn, support: PyTree, query: PyTree, c
     Returns:
       The query loss, or ``(loss, metrics)`` with ``has_aux``: ``metrics`` holds
       ``inner/loss_pre`` and (if ``post_loss``) ``inner/loss_post``, the support loss before and
-      after adaptation, and every query aux entry as ``outer/<key>``.
+      after adaptation, ``outer/query_loss``, the adapted query loss alone (without the support
+      term), and every query aux entry as ``outer/<key>``.
     """
     if not has_aux and not support_weight:
         return loss_fn(adapt(params, loss_fn, support, cfg, lrs=lrs), query)
     adapted, inner = adapt(params, loss_fn, support, cfg, has_aux=has_aux, return_aux=True, lrs=lrs)
-    loss, qaux = call_loss(loss_fn, adapted, query, has_aux)
+    query_loss, qaux = call_loss(loss_fn, adapted, query, has_aux)
     if cfg.steps > 0:
         pre = inner.losses[0]  # L_s(theta), differentiable: the first step's forward
     else:
         pre, _ = call_loss(loss_fn, params, support, has_aux)
-    if support_weight:
-        loss = loss + support_weight * pre
+    loss = query_loss + support_weight * pre if support_weight else query_loss
     if not has_aux:
         return loss
-    metrics = {"inner/loss_pre": jax.lax.stop_gradient(pre)}
+    metrics = {"inner/loss_pre": jax.lax.stop_gradient(pre),
+               "outer/query_loss": jax.lax.stop_gradient(query_loss)}
     if post_loss:
         post = pre if cfg.steps == 0 else call_loss(loss_fn, jax.lax.stop_gradient(adapted), support, True)[0]
         metrics["inner/loss_post"] = jax.lax.stop_gradient(post)

@@ -88,8 +88,9 @@ def make_meta_step(loss_fn: BaseLossFn, algo: MetaConfig, outer_opt: optax.Gradi
 
     The step computes the algorithm's outer loss and meta-gradient for all tasks (stacked on a
     leading axis of ``supports`` / ``queries``), applies ``outer_opt`` and returns scalar metrics:
-    ``outer/loss``, ``outer/grad_norm``, ``inner/loss_pre``, ``inner/loss_post`` and every aux key of
-    ``loss_fn`` (query side, task mean) as ``outer/<key>``. It performs no host synchronisation.
+    ``outer/loss``, ``outer/grad_norm``, ``inner/loss_pre``, ``inner/loss_post``, ``outer/query_loss``
+    (the query loss alone, without a support term) and every aux key of ``loss_fn`` (query side,
+    task mean) as ``outer/<key>``. It performs no host synchronisation.
 
     Args:
       loss_fn: ``loss_fn(params, base, batch) -> loss`` (``(loss, aux dict)`` with ``has_aux``).

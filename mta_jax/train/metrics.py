@@ -1,12 +1,13 @@
 """Metric logging: ``metrics.jsonl`` (one object per log step) and a one-line progress bar with ETA."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
 import sys
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +78,95 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
     return rows
+
+
+MAML_FAMILY = ("maml", "fomaml", "anil", "meta_sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """Means over the log rows of a run (see :func:`within_task_transfer`)."""
+    rows: int
+    support_pre: float    # inner/loss_pre: the support loss at the initialisation
+    support_post: float   # inner/loss_post: the support loss after the inner loop
+    query_post: float     # outer/query_loss: the query loss after it (pooled: at the initialisation)
+    gain_sem: float       # standard error over rows of support_pre - query_post
+
+    @property
+    def support_drop(self) -> float:
+        return self.support_pre - self.support_post
+
+    @property
+    def query_gain(self) -> float:
+        return self.support_pre - self.query_post
+
+    @property
+    def fraction(self) -> float | None:
+        """``query_gain / support_drop``: the share of the inner step that reaches the queries
+        (None without adaptation, where the support loss does not move)."""
+        return self.query_gain / self.support_drop if self.support_drop > 0 else None
+
+
+def query_losses(rows: Sequence[Mapping], algorithm: str, support_weight: float) -> list[float]:
+    """Each row's query loss: ``outer/query_loss``, or for logs written before that key existed,
+    recovered from ``outer/loss`` (MAML family: ``L_q + w L_s``; pooled: ``(L_s + L_q) / 2``).
+
+    Raises:
+      ValueError: a row lacks the keys needed (naming its step), or the algorithm's objective does
+        not determine the query loss (Reptile, iMAML without the key).
+    """
+    out = []
+    for row in rows:
+        if "outer/query_loss" in row:
+            out.append(float(row["outer/query_loss"]))
+            continue
+        missing = [k for k in ("outer/loss", "inner/loss_pre") if k not in row]
+        if missing:
+            raise ValueError(f"metrics row of step {row.get('step')} has no outer/query_loss and no {missing}")
+        loss, pre = float(row["outer/loss"]), float(row["inner/loss_pre"])
+        if algorithm in MAML_FAMILY:
+            out.append(loss - support_weight * pre)
+        elif algorithm == "pooled":
+            out.append(2.0 * loss - pre)
+        else:
+            raise ValueError(f"metrics row of step {row.get('step')} has no outer/query_loss, and "
+                             f"{algorithm!r}'s outer/loss does not determine it")
+    return out
+
+
+def within_task_transfer(rows: Sequence[Mapping], *, algorithm: str = "maml", support_weight: float = 0.0,
+                         from_step: int = 0) -> Transfer:
+    """How much of the inner loop's drop in support loss reaches the same task's query items.
+
+    An episode draws its support and query items alike, so the support loss before adaptation
+    (``inner/loss_pre``) estimates the query loss before it; ``inner/loss_pre - outer/query_loss``
+    is then what adapting on the support items gained on held-out queries of the same tools. MAML
+    has something to exploit only where that gain is a good part of ``inner/loss_pre -
+    inner/loss_post`` (BUILD_NOTES.md, session 22). For pooled FT, which does not adapt, the same
+    difference checks the estimate (it should be ~0).
+
+    Args:
+      rows: ``metrics.jsonl`` rows (:func:`read_metrics`).
+      algorithm, support_weight: the run's ``meta.algorithm`` / ``meta.support_weight``, for logs
+        without ``outer/query_loss`` (see :func:`query_losses`).
+      from_step: ignore rows before this step (e.g. the warm-up).
+
+    Raises:
+      ValueError: no row at or after ``from_step``, or a row lacks a needed key (named).
+    """
+    rows = [r for r in rows if int(r.get("step", 0)) >= from_step]
+    if not rows:
+        raise ValueError(f"no metrics rows at or after step {from_step}")
+    for r in rows:
+        missing = [k for k in ("inner/loss_pre", "inner/loss_post") if k not in r]
+        if missing:
+            raise ValueError(f"metrics row of step {r.get('step')} has no {missing}")
+    pre = np.array([float(r["inner/loss_pre"]) for r in rows])
+    post = np.array([float(r["inner/loss_post"]) for r in rows])
+    query = np.array(query_losses(rows, algorithm, support_weight))
+    gain = pre - query
+    sem = float(np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan")
+    return Transfer(len(rows), float(pre.mean()), float(post.mean()), float(query.mean()), sem)
 
 
 class Progress:
