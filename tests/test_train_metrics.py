@@ -38,6 +38,11 @@ def test_logs_without_the_query_key_recover_it_from_the_objective():
     np.testing.assert_allclose(metrics.query_losses(pooled, "pooled", 0.0), query)
     with pytest.raises(ValueError, match="'reptile'"):
         metrics.within_task_transfer(maml, algorithm="reptile")
+    # Where the key and the objective both exist they must agree: a wrong weight is named.
+    both = [dict(r, **{"outer/query_loss": q}) for r, q in zip(maml, query)]
+    np.testing.assert_allclose(metrics.query_losses(both, "maml", 0.5), query)
+    with pytest.raises(ValueError, match="step 10: outer/query_loss 0.800000 but outer/loss implies 0.300000"):
+        metrics.query_losses(both, "maml", 1.0)
 
 
 def test_pooled_runs_have_no_fraction_and_bad_rows_are_named():

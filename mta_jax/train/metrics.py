@@ -110,27 +110,34 @@ class Transfer:
 def query_losses(rows: Sequence[Mapping], algorithm: str, support_weight: float) -> list[float]:
     """Each row's query loss: ``outer/query_loss``, or for logs written before that key existed,
     recovered from ``outer/loss`` (MAML family: ``L_q + w L_s``; pooled: ``(L_s + L_q) / 2``).
+    Where both exist they must agree (to float32 rounding), which catches a log that does not
+    belong to the given algorithm and support weight.
 
     Raises:
-      ValueError: a row lacks the keys needed (naming its step), or the algorithm's objective does
-        not determine the query loss (Reptile, iMAML without the key).
+      ValueError: a row lacks the keys needed or disagrees with itself (naming its step), or the
+        algorithm's objective does not determine the query loss (Reptile, iMAML without the key).
     """
     out = []
     for row in rows:
-        if "outer/query_loss" in row:
-            out.append(float(row["outer/query_loss"]))
-            continue
-        missing = [k for k in ("outer/loss", "inner/loss_pre") if k not in row]
-        if missing:
-            raise ValueError(f"metrics row of step {row.get('step')} has no outer/query_loss and no {missing}")
-        loss, pre = float(row["outer/loss"]), float(row["inner/loss_pre"])
-        if algorithm in MAML_FAMILY:
-            out.append(loss - support_weight * pre)
-        elif algorithm == "pooled":
-            out.append(2.0 * loss - pre)
-        else:
+        logged = row.get("outer/query_loss")
+        derived = None
+        if "outer/loss" in row and "inner/loss_pre" in row:
+            loss, pre = float(row["outer/loss"]), float(row["inner/loss_pre"])
+            if algorithm in MAML_FAMILY:
+                derived = loss - support_weight * pre
+            elif algorithm == "pooled":
+                derived = 2.0 * loss - pre
+        if logged is None and derived is None:
+            missing = [k for k in ("outer/loss", "inner/loss_pre") if k not in row]
+            if missing:
+                raise ValueError(f"metrics row of step {row.get('step')} has no outer/query_loss and no {missing}")
             raise ValueError(f"metrics row of step {row.get('step')} has no outer/query_loss, and "
                              f"{algorithm!r}'s outer/loss does not determine it")
+        if logged is not None and derived is not None and abs(float(logged) - derived) > 1e-4 * max(1.0, abs(derived)):
+            raise ValueError(f"metrics row of step {row.get('step')}: outer/query_loss {float(logged):.6f} but "
+                             f"outer/loss implies {derived:.6f} for {algorithm!r} with support_weight "
+                             f"{support_weight}: a log of another algorithm or weight?")
+        out.append(float(logged) if logged is not None else derived)
     return out
 
 
