@@ -57,3 +57,17 @@ def test_pooled_runs_have_no_fraction_and_bad_rows_are_named():
     del bad[0]["outer/query_loss"]
     with pytest.raises(ValueError, match=r"step 10 has no outer/query_loss and no \['outer/loss'\]"):
         metrics.query_losses(bad, "maml", 1.0)
+
+
+def test_the_maml_family_is_the_registry_s():
+    """Every registered algorithm is either in MAML_FAMILY (objective L_q + w L_s, support_weight
+    allowed) or refuses a support weight."""
+    from mta_jax import meta
+    for name in meta.ALGORITHMS:
+        inner = meta.InnerConfig(adapt_pattern=".*" if name == "anil" else None)
+        if name in metrics.MAML_FAMILY:
+            meta.MetaConfig(name=name, inner=inner, support_weight=1.0)
+        else:
+            with pytest.raises(ValueError, match="support_weight applies to the MAML family"):
+                meta.MetaConfig(name=name, inner=inner, support_weight=1.0)
+    assert set(metrics.MAML_FAMILY) <= set(meta.ALGORITHMS)

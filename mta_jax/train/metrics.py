@@ -80,6 +80,8 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     return rows
 
 
+# The algorithms whose objective is ``L_q(adapted) + support_weight * L_s`` (mta_jax/meta/algorithms.py;
+# named here so reading logs does not import JAX; tests/test_train_metrics.py checks the two agree).
 MAML_FAMILY = ("maml", "fomaml", "anil", "meta_sgd")
 
 
