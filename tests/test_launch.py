@@ -190,8 +190,8 @@ def test_config_files_load_and_report_bad_paths(tmp_path):
 
 # The measured minilm variants, each the defaults plus exactly these overrides (and, per method
 # family, these eval methods): minilm_{mta,ft}_long are the 20x runs of session 17, the default
-# rendering included; _deep the runs of sessions 10-11; _2shot the four seeds of session 22, trained
-# with these overrides on the command line.
+# rendering included; _deep the runs of sessions 10-11; _2shot the four seeds of session 22 and
+# _2shot_l45 those of session 23, trained with these overrides on the command line.
 _MINILM_VARIANTS = {
     "long": ({"steps": 500, "tasks_per_step": 16, "checkpoint_every": 250, "log_every": 50}, None),
     "deep": ({"data.doc_style": "full_doc", "data.doc_len": 128, "lora.first_layer": 2, "eval.adapt_steps": 3},
@@ -199,6 +199,8 @@ _MINILM_VARIANTS = {
     "2shot": ({"lora.first_layer": 2, "loss.scale": 10.0, "episode.tools_per_episode": 5,
                "episode.support": 10, "episode.query": 10},
               {"mta": ("zero_shot", "mta", "mta_adapt"), "ft": ("ft", "ft_adapt")}),
+    "2shot_l45": ({"episode.tools_per_episode": 5, "episode.support": 10, "episode.query": 10},
+                  {"mta": ("zero_shot", "mta", "mta_adapt"), "ft": ("ft", "ft_adapt")}),
 }
 
 
