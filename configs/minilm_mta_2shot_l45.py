@@ -5,19 +5,12 @@ initialisation gains from test-time adaptation on ToolLens where FT's hardly doe
 alone val prefers the default episodes (minilm_mta), with or without adaptation: this config is
 the one where MAML's own margin over FT shows.
 
-Command (four training seeds were measured as minilm_mta_2shot with the overrides
---config.lora.first_layer=4 --config.loss.scale=20, which is what this file pins; tests/test_launch.py
-checks that):
-  python launch/train.py --config configs/minilm_mta_2shot_l45.py --workdir runs/mta_2shot_l45
-  python launch/train.py --config configs/minilm_ft_2shot_l45.py  --workdir runs/ft_2shot_l45
-  python launch/eval.py  --config configs/minilm_mta_2shot_l45.py --workdir runs/mta_2shot_l45 \
-      --ft_workdir runs/ft_2shot_l45 --methods=ft,mta,ft_adapt,mta_adapt \
-      --sets=metatool/test_sd,metatool/test_cd,toollens/test_sd,toollens/test_cd
-  (or: python launch/sweep.py --config configs/minilm_mta_2shot_l45.py --ft_config configs/minilm_ft_2shot_l45.py
-      --seeds=0,1,2,3 --root runs/2shot_l45 --methods=ft,mta,ft_adapt,mta_adapt --sets=<val sets>)
+Commands: those of configs/minilm_mta_2shot.py with minilm_{mta,ft}_2shot_l45.py as the configs.
+The four training seeds were measured as minilm_mta_2shot with --config.lora.first_layer=4
+--config.loss.scale=20, which is what this file pins (tests/test_launch.py checks that).
 Expected runtime (2 CPU cores, session 23's AMD Zen 4 host, where minilm_mta trains in the same
 time): MTA training 4.9-5.7 min (100 steps at ~2.7 s/step), FT 2.3-2.5 min; the evaluation above
-~9 min per seed; on the four val sets 6-7 min.
+~9 min per seed on the four test sets; on the four val sets 6-7 min.
 Expected metric (top-1 %, unseen test tools, protocol seeds 0-4, mean over training seeds 0-3;
 BUILD_NOTES.md "Results on val", session 23): mta MetaTool SD 88.8 / CD 91.5, ToolLens SD 62.1 /
 CD 80.3; mta_adapt 89.2 / 91.7 / 62.9 / 80.7; ft 88.8 / 91.3 / 60.8 / 79.7; ft_adapt 89.0 / 91.5 /
