@@ -33,8 +33,11 @@ def table(workdirs, from_step: int = 0) -> str:
         path = pathlib.Path(wd) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {wd} a training workdir?")
-        meta = json.loads(path.read_text(encoding="utf-8")).get("meta", {})
-        algorithm, weight = meta.get("algorithm", "maml"), float(meta.get("support_weight", 0.0))
+        meta = json.loads(path.read_text(encoding="utf-8")).get("meta") or {}
+        missing = [f"meta.{k}" for k in ("algorithm", "support_weight") if k not in meta]
+        if missing:
+            raise ValueError(f"{path}: no {missing}; the transfer needs the run's algorithm and support weight")
+        algorithm, weight = meta["algorithm"], float(meta["support_weight"])
         try:
             t = metrics.within_task_transfer(metrics.read_metrics(wd), algorithm=algorithm,
                                              support_weight=weight, from_step=from_step)

@@ -54,6 +54,9 @@ def test_transfer_reads_the_runs_logs(trained, tmp_path):
     assert cells[7] == f"{100 * (pre - query) / (pre - post):.0f}%"
     proc = run("transfer.py", f"--workdirs={tmp_path}", check=False)
     assert proc.returncode and f"{tmp_path / 'config.json'} not found" in proc.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"meta": {"algorithm": "maml"}}))
+    proc = run("transfer.py", f"--workdirs={tmp_path}", check=False)
+    assert proc.returncode and "no ['meta.support_weight']" in proc.stderr
 
 
 def test_eval_writes_results_json_md_png(trained, tmp_path, data_dir):
