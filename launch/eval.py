@@ -2,13 +2,16 @@
 
   python launch/eval.py --config configs/minilm_mta.py --workdir DIR \
       [--methods=random,bm25,zero_shot,mta,ft] [--eval_dirs=D1,D2] [--ft_workdir=FT_DIR] [--out_dir=OUT]
+      [--predictions]
 
 ``random``, ``bm25`` and ``zero_shot`` need no checkpoint; ``mta``, ``mta_adapt`` (k-shot
 adaptation on labelled queries of the unseen tools) and ``mta_tta`` (adaptation on unlabelled
 queries) use the workdir's checkpoint; ``ft``, ``ft_adapt`` and ``ft_tta`` use ``--ft_workdir`` when
 given, else the workdir's checkpoint (the ``*_adapt``/``*_tta`` pairs share the workdir's inner loop).
 Built-in sets come from ``config.eval.sets`` (override with ``--sets``); ``--eval_dirs`` adds every
-split file of each normalized-format folder as ``<basename>/<split stem>``.
+split file of each normalized-format folder as ``<basename>/<split stem>``. ``--predictions`` also
+writes every item's choice per method (``OUT/predictions.jsonl.gz``), which ``launch/compare.py``
+reads for per-query paired tests and confusions.
 """
 import json
 import pathlib
@@ -30,6 +33,8 @@ _EVAL_DIRS = flags.DEFINE_list("eval_dirs", [], "Extra normalized-format data fo
 _FT_WORKDIR = flags.DEFINE_string("ft_workdir", None, "Workdir of the FT baseline (default: --workdir).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where results.{json,md,png} go (default: WORKDIR/eval); "
                                "another folder keeps an earlier evaluation of the run.")
+_PREDICTIONS = flags.DEFINE_bool("predictions", False, "Also write OUT/predictions.jsonl.gz (per item: "
+                                  "gold, credit, top-5 candidates per method).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,7 +50,7 @@ def main(argv):
         data_dir=_common.DATA_DIR.value,
         ft_workdir=pathlib.Path(_FT_WORKDIR.value) if _FT_WORKDIR.value else None,
         out_dir=pathlib.Path(_OUT_DIR.value) if _OUT_DIR.value else None,
-        log=logging.info)
+        log=logging.info, predictions=_PREDICTIONS.value)
     out = pathlib.Path(_OUT_DIR.value or pathlib.Path(_WORKDIR.value) / "eval")
     print((out / "results.md").read_text(encoding="utf-8"))
     logging.info("wrote %s", json.dumps(sorted(p.name for p in out.iterdir())))

@@ -97,6 +97,27 @@ def test_eval_writes_results_json_md_png(trained, tmp_path, data_dir):
     assert "| metatool/val_sd |" in proc.stdout
 
 
+def test_eval_predictions_feed_compare(trained, tmp_path, data_dir):
+    out = tmp_path / "out"
+    args = ["--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained), "--methods=bm25,zero_shot,mta",
+            "--sets=metatool/val_sd", "--config.eval.max_items=200", f"--data_dir={data_dir}", f"--out_dir={out}"]
+    run("eval.py", *args, "--predictions")
+    results = report.read_results(out / "results.json")["metatool/val_sd"]
+    proc = run("compare.py", f"--predictions={out / 'predictions.jsonl.gz'}", "--a=mta", "--b=zero_shot",
+               "--confusions=3")
+    lines = proc.stdout.splitlines()
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["metatool/val_sd", "200", "5"], cells  # queries, not query x seed copies
+    assert [float(c) for c in cells[3:5]] == [round(100 * results[m]["accuracy"], 1) for m in ("mta", "zero_shot")]
+    better, worse = (int(x) for x in cells[6].split(" / "))
+    assert better + worse <= 200 and 0 <= float(cells[7]) <= 1
+    assert any(line.startswith("metatool/val_sd: mta's most frequent errors") for line in lines)
+    proc = run("compare.py", f"--predictions={out / 'predictions.jsonl.gz'}", "--a=mta", "--b=ft", check=False)
+    assert proc.returncode and "the file has methods ['bm25', 'mta', 'zero_shot']" in proc.stderr
+    run("eval.py", *args)  # without --predictions: the earlier file no longer describes results.json
+    assert not (out / "predictions.jsonl.gz").exists() and (out / "results.json").is_file()
+
+
 def test_eval_rejects_unknown_method(trained, data_dir):
     proc = run("eval.py", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(trained),
                "--methods=oracle", f"--data_dir={data_dir}", check=False)

@@ -192,13 +192,16 @@ def aggregate(group: Sequence[EvalSet], per_set: Sequence[Mapping[str, float]]) 
 
 
 def evaluate(methods: Mapping[str, Scorer], sets: Mapping[str, Sequence[EvalSet]],
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None,
+             on_scores: Callable[[str, EvalSet, list[np.ndarray]], None] | None = None) -> dict:
     """Runs every method on every eval-set group and returns the ``results.json`` dict.
 
     Args:
       methods: method name -> scorer (see :data:`Scorer`).
       sets: eval-set name -> its sets (one per protocol seed, or a single set).
       log: optional callback receiving one progress line per (set, method).
+      on_scores: optional ``(method, eval_set, per-item scores)`` callback, once per method and set
+        (e.g. :class:`mta_jax.eval.predictions.Writer` records).
 
     Returns:
       ``{set name: {method name: entry}}`` with entries as in :func:`aggregate` plus ``seconds``
@@ -224,6 +227,9 @@ def evaluate(methods: Mapping[str, Scorer], sets: Mapping[str, Sequence[EvalSet]
                 raise ValueError(f"method {method_name!r} returned {len(all_scores)} score lists "
                                  f"for the {len(group)} sets of {set_name!r}")
             entry = aggregate(group, [set_metrics(s, sc) for s, sc in zip(group, all_scores)])
+            if on_scores is not None:
+                for s, sc in zip(group, all_scores):
+                    on_scores(method_name, s, sc)
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             results[set_name][method_name] = entry
             if log is not None:

@@ -24,6 +24,7 @@ from mta_jax.eval import decoder_methods
 from mta_jax.eval import encoders
 from mta_jax.eval import methods as methods_lib
 from mta_jax.eval import metrics as metrics_lib
+from mta_jax.eval import predictions as predictions_lib
 from mta_jax.eval import report
 from mta_jax.eval import sets as sets_lib
 from mta_jax.train import loop
@@ -63,7 +64,8 @@ def lora_mix(name: str) -> tuple[str, float | None]:
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Sequence[str],
         sets: Sequence[str], data_dir: str | None = None, ft_workdir: pathlib.Path | None = None,
-        log: Callable[[str], None] = print, out_dir: pathlib.Path | None = None) -> dict:
+        log: Callable[[str], None] = print, out_dir: pathlib.Path | None = None,
+        predictions: bool = False) -> dict:
     """Evaluates ``methods`` on ``sets`` and writes ``results.{json,md,png}`` to ``out_dir``.
 
     Args:
@@ -77,6 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
       ft_workdir: the FT baseline's workdir.
       log: progress lines.
       out_dir: the results folder (default ``workdir/eval``).
+      predictions: also write ``predictions.jsonl.gz`` there: every item's choice per method
+        (:mod:`mta_jax.eval.predictions`).
 
     Returns:
       The results dict (also written to disk).
@@ -97,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
     if is_decoder:  # prompts + LM scoring; none of the encoder machinery below applies
         name, scorers = _decoder_scorers(config, workdir, methods, ft_workdir, log)
         return _evaluate_and_write(scorers, groups, out_dir or pathlib.Path(workdir) / "eval", methods, sets,
-                                   ft_workdir, name, t0, log)
+                                   ft_workdir, name, t0, log, predictions)
     name, cfg, base, tok = workloads.load_backbone(config.model.path, config.model.dtype, False)
     trained, restored = {}, {}
     for m in methods:
@@ -140,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, methods: Seque
         bank.bottom_rows(texts)
         log(f"frozen bottom ({first} layers) over {len(texts)} texts in {time.perf_counter() - t1:.1f}s")
     return _evaluate_and_write(scorers, groups, out_dir or pathlib.Path(workdir) / "eval", methods, sets,
-                               ft_workdir, name, t0, log)
+                               ft_workdir, name, t0, log, predictions)
 
 
 def _adaptation(m: str, runs: dict, workdir, eval_config, restore_mta) -> tuple[Any, Any]:
@@ -249,10 +253,21 @@ def _decoder_scorers(config, workdir, methods, ft_workdir, log) -> tuple[str, di
     return bb.name, scorers
 
 
-def _evaluate_and_write(scorers, groups, out, methods, sets, ft_workdir, name, t0, log) -> dict:
-    """Runs the scorers on the groups and writes ``results.{json,md,png}`` and ``run.json`` to ``out``."""
-    results = metrics_lib.evaluate(scorers, groups, log=log)
+def _evaluate_and_write(scorers, groups, out, methods, sets, ft_workdir, name, t0, log, predictions) -> dict:
+    """Runs the scorers on the groups and writes ``results.{json,md,png}``, ``run.json`` and, when
+    ``predictions``, ``predictions.jsonl.gz`` to ``out``."""
     out = pathlib.Path(out)
+    if predictions:
+        with predictions_lib.Writer(out / "predictions.jsonl.gz") as writer:
+            results = metrics_lib.evaluate(scorers, groups, log=log, on_scores=lambda m, s, sc: writer.write(
+                predictions_lib.item_records(s, m, sc)))
+        log(f"wrote {writer.count} item predictions to {writer.path}")
+    else:
+        results = metrics_lib.evaluate(scorers, groups, log=log)
+        stale = out / "predictions.jsonl.gz"
+        if stale.exists():  # an earlier evaluation's, which results.json no longer describes
+            stale.unlink()
+            log(f"removed {stale} of an earlier evaluation (rerun with predictions to write it again)")
     out.mkdir(parents=True, exist_ok=True)
     report.write_results(out / "results.json", results)
     (out / "results.md").write_text(report.markdown_table(results, list(methods)), encoding="utf-8")

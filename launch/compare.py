@@ -1,0 +1,61 @@
+"""Two methods of one evaluation compared query by query, from its ``predictions.jsonl.gz`` (no JAX).
+
+  python launch/eval.py ... --methods=ft,mta --predictions      # writes OUT/predictions.jsonl.gz
+  python launch/compare.py --predictions=OUT/predictions.jsonl.gz --a=mta --b=ft [--confusions=10]
+
+Per eval set: both accuracies (as in results.json), the queries where ``a`` is better / worse than
+``b`` (a query's credit is its mean over the protocol seeds, which score the same queries with
+other distractors) and the two-sided exact sign test over those queries — McNemar's test with the
+query as the unit, a per-item complement to the std over protocol and training seeds. With
+``--confusions=N``, also the N most frequent (gold → chosen) tool pairs among ``a``'s errors.
+"""
+import pathlib
+import sys
+
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+from absl import app, flags  # noqa: E402
+
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "A predictions.jsonl.gz written by launch/eval.py --predictions.")
+_A = flags.DEFINE_string("a", "mta", "Method compared ...")
+_B = flags.DEFINE_string("b", "ft", "... against this one.")
+_CONFUSIONS = flags.DEFINE_integer("confusions", 0, "Also list this many (gold -> chosen) pairs of a's errors per set.")
+flags.mark_flags_as_required(["predictions"])
+
+
+def report(path, a: str, b: str, confusions: int = 0) -> str:
+    """The markdown report for ``path`` (see the module docstring).
+
+    Raises:
+      ValueError: ``a`` and ``b`` share no eval set in the file (naming the methods it holds).
+    """
+    from mta_jax.eval import predictions
+
+    records = predictions.read(path)
+    rows = predictions.paired(records, a, b) if records else []
+    if not rows:
+        held = sorted({r["method"] for r in records})
+        raise ValueError(f"{path}: no eval set holds both {a!r} and {b!r}; the file has methods {held}")
+    lines = [f"| eval set | queries | seeds | {a} | {b} | {a} − {b} | queries {a} better / worse | sign-test p |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.set} | {r.queries} | {r.seeds} | {100 * r.acc_a:.1f} | {100 * r.acc_b:.1f} | "
+                     f"{100 * (r.acc_a - r.acc_b):+.2f} | {r.wins} / {r.losses} | {r.p:.3g} |")
+    for r in rows:
+        if confusions <= 0:
+            break
+        counts = predictions.confusions(records, a, r.set)
+        title = f"{r.set}: {a}'s most frequent errors over {r.seeds} seed(s) ({sum(counts.values())} wrong items)"
+        lines += ["", title, "", "| gold | chosen | items |", "|---|---|---:|"]
+        lines += [f"| {gold} | {chosen} | {n} |" for (gold, chosen), n in counts.most_common(confusions)]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(report(_PREDICTIONS.value, _A.value, _B.value, _CONFUSIONS.value))
+
+
+if __name__ == "__main__":
+    app.run(main)
