@@ -7,7 +7,8 @@ Per eval set: both accuracies (as in results.json), the queries where ``a`` is b
 ``b`` (a query's credit is its mean over the protocol seeds, which score the same queries with
 other distractors) and the two-sided exact sign test over those queries — McNemar's test with the
 query as the unit, a per-item complement to the std over protocol and training seeds. With
-``--confusions=N``, also the N most frequent (gold → chosen) tool pairs among ``a``'s errors.
+``--confusions=N``, also per set the N gold tools where ``a`` errs most (with ``b``'s errors on
+them) and the N most frequent (gold → chosen) tool pairs among ``a``'s errors.
 """
 import pathlib
 import sys
@@ -44,6 +45,14 @@ def report(path, a: str, b: str, confusions: int = 0) -> str:
     for r in rows:
         if confusions <= 0:
             break
+        by_gold = predictions.errors_by_gold(records, (a, b), r.set)
+        total = {m: sum(row[m] for row in by_gold.values()) for m in (a, b)}
+        lines += ["", f"{r.set}: the gold tools where {a} errs most, over {r.seeds} seed(s) "
+                  f"({a}: {total[a]:.0f} errors, {b}: {total[b]:.0f})", "",
+                  f"| gold | items | {a} errors | {b} errors | share of {a}'s errors |", "|---|---:|---:|---:|---:|"]
+        worst = sorted(by_gold.items(), key=lambda kv: -kv[1][a])[:confusions]
+        lines += [f"| {g} | {row['items']} | {row[a]:.0f} | {row[b]:.0f} | {100 * row[a] / max(total[a], 1e-9):.0f}% |"
+                  for g, row in worst]
         counts = predictions.confusions(records, a, r.set)
         title = f"{r.set}: {a}'s most frequent errors over {r.seeds} seed(s) ({sum(counts.values())} wrong items)"
         lines += ["", title, "", "| gold | chosen | items |", "|---|---|---:|"]

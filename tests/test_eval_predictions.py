@@ -145,3 +145,12 @@ def test_evaluate_streams_predictions_that_reproduce_its_accuracy(tmp_path):
     wrong = [r for r in recs if r["method"] == "m1" and r["credit"] == 0 and r["top"]]
     assert sum(conf.values()) == len(wrong) > 0
     assert all(chosen not in gold.split("|") for gold, chosen in conf)
+
+
+def test_errors_by_gold_counts_items_once_and_errors_per_method():
+    recs = [_rec("s", 0, "q0", "a", 0.0), _rec("s", 0, "q0", "b", 1.0), _rec("s", 1, "q0", "a", 0.5),
+            _rec("s", 1, "q0", "b", 0.0), _rec("s", 0, "q1", "a", 1.0), _rec("s", 0, "q1", "b", 1.0),
+            _rec("t", 0, "q9", "a", 0.0)]  # another set: not counted
+    recs[4]["gold"] = recs[5]["gold"] = ["a", "c"]
+    got = predictions.errors_by_gold(recs, ("a", "b"), "s")
+    assert got == {"a": {"items": 2, "a": 1.5, "b": 1.0}, "a|c": {"items": 1, "a": 0.0, "b": 0.0}}

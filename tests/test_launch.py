@@ -112,6 +112,7 @@ def test_eval_predictions_feed_compare(trained, tmp_path, data_dir):
     better, worse = (int(x) for x in cells[6].split(" / "))
     assert better + worse <= 200 and 0 <= float(cells[7]) <= 1
     assert any(line.startswith("metatool/val_sd: mta's most frequent errors") for line in lines)
+    assert any(line.startswith("metatool/val_sd: the gold tools where mta errs most") for line in lines)
     proc = run("compare.py", f"--predictions={out / 'predictions.jsonl.gz'}", "--a=mta", "--b=ft", check=False)
     assert proc.returncode and "the file has methods ['bm25', 'mta', 'zero_shot']" in proc.stderr
     run("eval.py", *args)  # without --predictions: the earlier file no longer describes results.json

@@ -203,3 +203,25 @@ def confusions(records: Iterable[dict], method: str, eval_set: str) -> Counter:
         if r["method"] == method and r["set"] == eval_set and r["credit"] == 0 and r["top"]:
             out[("|".join(r["gold"]), r["top"][0][0])] += 1
     return out
+
+
+def errors_by_gold(records: Iterable[dict], methods: Sequence[str], eval_set: str) -> dict[str, dict]:
+    """Per gold tool of ``eval_set`` (an item's gold tools joined with ``|``): ``{"items": n, method:
+    errors, ...}`` over all seeds, where an item's errors are ``1 - credit``.
+
+    MetaTool's items are very unbalanced across tools (12 to 1,122 queries per tool), so a few
+    gold tools can hold most of a method's errors; this is where to look first.
+    """
+    out: dict[str, dict] = {}
+    counted: dict[str, set] = defaultdict(set)
+    for r in records:
+        if r["set"] != eval_set or r["method"] not in methods:
+            continue
+        gold = "|".join(r["gold"])
+        row = out.setdefault(gold, {"items": 0, **{m: 0.0 for m in methods}})
+        row[r["method"]] += 1.0 - float(r["credit"])
+        key = (r["seed"], r["id"])
+        if key not in counted[gold]:
+            counted[gold].add(key)
+            row["items"] += 1
+    return out
