@@ -7,8 +7,10 @@ Per eval set: both accuracies (as in results.json), the queries where ``a`` is b
 ``b`` (a query's credit is its mean over the protocol seeds, which score the same queries with
 other distractors) and the two-sided exact sign test over those queries — McNemar's test with the
 query as the unit, a per-item complement to the std over protocol and training seeds. With
-``--confusions=N``, also per set the N gold tools where ``a`` errs most (with ``b``'s errors on
-them) and the N most frequent (gold → chosen) tool pairs among ``a``'s errors.
+``--confusions=N``, also per set the accuracy per gold tool averaged over the tools (each tool
+weighted equally: MetaTool's queries per tool range from 12 to 1,122), the N gold tools where ``a``
+errs most (with ``b``'s errors on them) and the N most frequent (gold → chosen) pairs among ``a``'s
+errors.
 """
 import pathlib
 import sys
@@ -47,7 +49,10 @@ def report(path, a: str, b: str, confusions: int = 0) -> str:
             break
         by_gold = predictions.errors_by_gold(records, (a, b), r.set)
         total = {m: sum(row[m] for row in by_gold.values()) for m in (a, b)}
-        lines += ["", f"{r.set}: the gold tools where {a} errs most, over {r.seeds} seed(s) "
+        macro = {m: 100 * sum(1 - row[m] / row["items"] for row in by_gold.values()) / len(by_gold) for m in (a, b)}
+        lines += ["", f"{r.set}: per gold tool, each of the {len(by_gold)} weighted equally: "
+                  f"{a} {macro[a]:.1f}, {b} {macro[b]:.1f}.",
+                  "", f"{r.set}: the gold tools where {a} errs most, over {r.seeds} seed(s) "
                   f"({a}: {total[a]:.0f} errors, {b}: {total[b]:.0f})", "",
                   f"| gold | items | {a} errors | {b} errors | share of {a}'s errors |", "|---|---:|---:|---:|---:|"]
         worst = sorted(by_gold.items(), key=lambda kv: -kv[1][a])[:confusions]

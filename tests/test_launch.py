@@ -113,6 +113,10 @@ def test_eval_predictions_feed_compare(trained, tmp_path, data_dir):
     assert better + worse <= 200 and 0 <= float(cells[7]) <= 1
     assert any(line.startswith("metatool/val_sd: mta's most frequent errors") for line in lines)
     assert any(line.startswith("metatool/val_sd: the gold tools where mta errs most") for line in lines)
+    from mta_jax.eval import predictions  # the per-tool line, recomputed from the file
+    by_gold = predictions.errors_by_gold(predictions.read(out / "predictions.jsonl.gz"), ("mta",), "metatool/val_sd")
+    macro = 100 * np.mean([1 - row["mta"] / row["items"] for row in by_gold.values()])
+    assert f"metatool/val_sd: per gold tool, each of the {len(by_gold)} weighted equally: mta {macro:.1f}," in proc.stdout
     proc = run("compare.py", f"--predictions={out / 'predictions.jsonl.gz'}", "--a=mta", "--b=ft", check=False)
     assert proc.returncode and "the file has methods ['bm25', 'mta', 'zero_shot']" in proc.stderr
     run("eval.py", *args)  # without --predictions: the earlier file no longer describes results.json
