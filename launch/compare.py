@@ -2,11 +2,14 @@
 
   python launch/eval.py ... --methods=ft,mta --predictions      # writes OUT/predictions.jsonl.gz
   python launch/compare.py --predictions=OUT/predictions.jsonl.gz --a=mta --b=ft [--confusions=10]
+  python launch/compare.py --predictions=runs/sweep/mta_s0/eval/predictions.jsonl.gz,runs/sweep/mta_s1/...
 
 Per eval set: both accuracies (as in results.json), the queries where ``a`` is better / worse than
 ``b`` (a query's credit is its mean over the protocol seeds, which score the same queries with
 other distractors) and the two-sided exact sign test over those queries — McNemar's test with the
-query as the unit, a per-item complement to the std over protocol and training seeds. With
+query as the unit, a per-item complement to the std over protocol and training seeds. Several files
+(e.g. one per training seed, evaluated on the same sets) are pooled: a query's credit is then its
+mean over every file and protocol seed, and the accuracies are the means over the files. With
 ``--confusions=N``, also per set the accuracy per gold tool averaged over the tools (each tool
 weighted equally: MetaTool's queries per tool range from 12 to 1,122), the N gold tools where ``a``
 errs most (with ``b``'s errors on them) and the N most frequent (gold → chosen) pairs among ``a``'s
@@ -19,28 +22,37 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from absl import app, flags  # noqa: E402
 
-_PREDICTIONS = flags.DEFINE_string("predictions", None, "A predictions.jsonl.gz written by launch/eval.py --predictions.")
+_PREDICTIONS = flags.DEFINE_list("predictions", None, "predictions.jsonl.gz file(s) written by launch/eval.py "
+                                 "--predictions; several are pooled (e.g. one per training seed).")
 _A = flags.DEFINE_string("a", "mta", "Method compared ...")
 _B = flags.DEFINE_string("b", "ft", "... against this one.")
 _CONFUSIONS = flags.DEFINE_integer("confusions", 0, "Also list this many (gold -> chosen) pairs of a's errors per set.")
 flags.mark_flags_as_required(["predictions"])
 
 
-def report(path, a: str, b: str, confusions: int = 0) -> str:
-    """The markdown report for ``path`` (see the module docstring).
+def report(paths, a: str, b: str, confusions: int = 0) -> str:
+    """The markdown report for the predictions file(s) ``paths`` (see the module docstring).
 
     Raises:
-      ValueError: ``a`` and ``b`` share no eval set in the file (naming the methods it holds).
+      ValueError: ``a`` and ``b`` share no eval set (naming the methods the files hold).
     """
     from mta_jax.eval import predictions
 
-    records = predictions.read(path)
+    paths = [paths] if isinstance(paths, (str, pathlib.Path)) else list(paths)
+    records = []
+    for i, path in enumerate(paths):
+        for r in predictions.read(path):
+            if len(paths) > 1:  # pooled: file i's protocol seed s is the draw (i, s)
+                r["seed"] = (i, r["seed"])
+            records.append(r)
     rows = predictions.paired(records, a, b) if records else []
     if not rows:
         held = sorted({r["method"] for r in records})
-        raise ValueError(f"{path}: no eval set holds both {a!r} and {b!r}; the file has methods {held}")
-    lines = [f"| eval set | queries | seeds | {a} | {b} | {a} − {b} | queries {a} better / worse | sign-test p |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        raise ValueError(f"{', '.join(map(str, paths))}: no eval set holds both {a!r} and {b!r}; "
+                         f"the files hold methods {held}")
+    lines = [] if len(paths) == 1 else [f"Pooled over {len(paths)} files: 'seeds' counts (file, protocol seed) pairs.", ""]
+    lines += [f"| eval set | queries | seeds | {a} | {b} | {a} − {b} | queries {a} better / worse | sign-test p |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.set} | {r.queries} | {r.seeds} | {100 * r.acc_a:.1f} | {100 * r.acc_b:.1f} | "
                      f"{100 * (r.acc_a - r.acc_b):+.2f} | {r.wins} / {r.losses} | {r.p:.3g} |")

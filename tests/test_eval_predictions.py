@@ -154,3 +154,27 @@ def test_errors_by_gold_counts_items_once_and_errors_per_method():
     recs[4]["gold"] = recs[5]["gold"] = ["a", "c"]
     got = predictions.errors_by_gold(recs, ("a", "b"), "s")
     assert got == {"a": {"items": 2, "a": 1.5, "b": 1.0}, "a|c": {"items": 1, "a": 0.0, "b": 0.0}}
+
+
+def _write(path, recs):
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_compare_pools_files_per_query(tmp_path):
+    from launch import compare
+
+    # Two runs (files) of the same queries: on q0 a wins in run 1 and loses in run 2 -> level when
+    # pooled; on q1 a wins in both -> a better. Either file alone: 2 / 0 and 1 / 1.
+    run1 = [_rec("s", 0, "q0", "a", 1), _rec("s", 0, "q0", "b", 0), _rec("s", 0, "q1", "a", 1), _rec("s", 0, "q1", "b", 0)]
+    run2 = [_rec("s", 0, "q0", "a", 0), _rec("s", 0, "q0", "b", 1), _rec("s", 0, "q1", "a", 1), _rec("s", 0, "q1", "b", 0)]
+    f1, f2 = _write(tmp_path / "1.jsonl.gz", run1), _write(tmp_path / "2.jsonl.gz", run2)
+
+    def row(text):
+        return [c.strip() for c in text.splitlines()[-1].strip("|").split("|")]
+
+    assert row(compare.report(f1, "a", "b"))[1:] == ["2", "1", "100.0", "0.0", "+100.00", "2 / 0", "0.5"]
+    assert row(compare.report([f1, f2], "a", "b"))[1:] == ["2", "2", "75.0", "25.0", "+50.00", "1 / 0", "1"]
+    with pytest.raises(ValueError, match=r"no eval set holds both 'a' and 'c'; the files hold methods \['a', 'b'\]"):
+        compare.report([f1, f2], "a", "c")

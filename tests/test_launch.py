@@ -118,7 +118,7 @@ def test_eval_predictions_feed_compare(trained, tmp_path, data_dir):
     macro = 100 * np.mean([1 - row["mta"] / row["items"] for row in by_gold.values()])
     assert f"metatool/val_sd: per gold tool, each of the {len(by_gold)} weighted equally: mta {macro:.1f}," in proc.stdout
     proc = run("compare.py", f"--predictions={out / 'predictions.jsonl.gz'}", "--a=mta", "--b=ft", check=False)
-    assert proc.returncode and "the file has methods ['bm25', 'mta', 'zero_shot']" in proc.stderr
+    assert proc.returncode and "the files hold methods ['bm25', 'mta', 'zero_shot']" in proc.stderr
     run("eval.py", *args)  # without --predictions: the earlier file no longer describes results.json
     assert not (out / "predictions.jsonl.gz").exists() and (out / "results.json").is_file()
 
