@@ -2,7 +2,7 @@
 
   python launch/sweep.py --config configs/minilm_mta.py --ft_config configs/minilm_ft.py \
       --seeds=0,1,2,3,4 --root runs/sweep --methods=zero_shot,ft,mta \
-      [--sets=metatool/val_sd,...] [--args=--config.steps=100] [--mta_args=...] [--jobs=1]
+      [--sets=metatool/val_sd,...] [--args=--config.steps=100] [--mta_args=...] [--jobs=1] [--predictions]
 
 Per seed ``S``: ``launch/train.py`` into ``ROOT/mta_sS`` and ``ROOT/ft_sS`` (``--config.seed=S``;
 a finished workdir just resumes at its last step), then ``launch/eval.py`` on ``ROOT/mta_sS`` with
@@ -13,6 +13,8 @@ Each command's output goes to ``ROOT/logs/``; a failing command stops the sweep 
 ``--args`` reach all three commands (e.g. ``--config.model.path=...``), ``--mta_args`` /
 ``--ft_args`` one training each; ``{seed}`` in any of them becomes the seed (e.g.
 ``--mta_args=--config.init_from=runs/ft/ft_s{seed}`` starts every seed from its own run).
+``--predictions`` has every evaluation write its per-item predictions, which ``launch/compare.py
+--predictions=ROOT/mta_s0/eval/predictions.jsonl.gz,...`` pools into per-query paired tests.
 ``--jobs`` runs that many seeds at once (a GPU with room to spare, or a many-core host), after the
 first seed has run alone to fill the compilation cache; on a 2-core CPU keep 1.
 """
@@ -45,6 +47,8 @@ _FT_ARGS = flags.DEFINE_string("ft_args", "", "Extra arguments for the FT traini
 _REEVAL = flags.DEFINE_bool("reeval", False, "Evaluate every seed again, even where WORKDIR/eval already holds "
                             "the same methods and sets and is newer than the checkpoints.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Seeds run concurrently.")
+_PREDICTIONS = flags.DEFINE_bool("predictions", False, "Evaluate with --predictions: every seed's "
+                                 "mta_s<seed>/eval/predictions.jsonl.gz, for launch/compare.py.")
 flags.mark_flags_as_required(["root"])
 
 
@@ -94,6 +98,8 @@ def _seed_pipeline(seed: int, root: pathlib.Path, data_args: list[str]) -> pathl
         eval_cmd += ["--ft_workdir", str(ft_dir)]
     if _SETS.value is not None:
         eval_cmd.append("--sets=" + ",".join(_SETS.value))
+    if _PREDICTIONS.value:  # part of the compared arguments: an evaluation without them is redone
+        eval_cmd.append("--predictions")
     ft = ft_dir if _FT_CONFIG.value else None
     if not _REEVAL.value and sweep.evaluation_is_current(mta_dir, _METHODS.value, _SETS.value, ft, eval_cmd[2:]):
         print(f"[sweep] seed {seed}: evaluation reused ({mta_dir / 'eval'} is newer than its checkpoints)",

@@ -142,6 +142,10 @@ def test_sweep_end_to_end_on_tiny(tmp_path, data_dir):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert proc.stdout.count(expect) == 2, proc.stdout
     assert set(report.read_results(root / "mta_s0" / "eval" / "results.json")) == {"metatool/val_sd"}
+    proc = subprocess.run(again + ["--predictions"], cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=900)  # the earlier evaluations lack the predictions: redone
+    assert proc.returncode == 0 and proc.stdout.count("evaluated in") == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all((root / f"mta_s{s}" / "eval" / "predictions.jsonl.gz").is_file() for s in (0, 1))
 
 
 def test_evaluation_is_current_needs_same_methods_sets_ft_and_newer_results(tmp_path):
