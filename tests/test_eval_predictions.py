@@ -102,6 +102,9 @@ def test_sign_test_is_the_exact_two_sided_binomial():
             extreme = sum(math.comb(n, k) for k in range(n + 1) if abs(k - n / 2) >= abs(w - n / 2) - 1e-12)
             assert predictions.sign_test_p(w, n - w) == pytest.approx(min(1.0, extreme / 2 ** n)), (w, n)
     assert predictions.sign_test_p(0, 10) == pytest.approx(2 / 1024)
+    from scipy import stats  # a jax dependency; its exact binomial test, at real test-set sizes
+    for w, l in ((600, 400), (4400, 4434), (3, 2000), (1100, 1000)):
+        assert predictions.sign_test_p(w, l) == pytest.approx(stats.binomtest(w, w + l, 0.5).pvalue, rel=1e-9, abs=1e-300)
 
 
 def _rec(set_, seed, qid, method, credit):

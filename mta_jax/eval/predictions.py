@@ -127,7 +127,7 @@ def sign_test_p(wins: int, losses: int) -> float:
     if n == 0:
         return 1.0
     k = min(wins, losses)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # exact integers: 2.0 ** n overflows past n = 1023
     return min(1.0, 2.0 * tail)
 
 
