@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:  # only for annotations: metrics stay importable without the data layer
-    from mta_jax.eval.sets import EvalSet
+    from mta_jax.eval.sets import EvalItem, EvalSet
 
 STD_DDOF = 1
 ABSTAIN = -np.inf  # every score of an item at this value: the method made no choice (counted wrong)
@@ -116,6 +116,31 @@ def ndcg_at_k(scores: np.ndarray, candidates: Sequence[str], gold: Sequence[str]
     return dcg / sum(1.0 / math.log2(r + 2) for r in range(min(n_gold, k)))
 
 
+def scored_items(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> Iterator[tuple[EvalItem, tuple[str, ...], np.ndarray]]:
+    """``(item, candidate ids, score array)`` per item: the item's candidates, or the whole catalogue
+    (in catalogue order) for a ``candidates=None`` item.
+
+    Raises:
+      ValueError: the number of score vectors or of scores in one vector does not match, naming
+        the set and item.
+    """
+    if len(scores) != len(eval_set.items):
+        raise ValueError(f"{eval_set.label}: got {len(scores)} score vectors for "
+                         f"{len(eval_set.items)} items")
+    pool = None
+    for item, s in zip(eval_set.items, scores):
+        if item.candidates is None:
+            pool = pool if pool is not None else tuple(eval_set.catalogue.ids())
+            cands = pool
+        else:
+            cands = item.candidates
+        s = np.asarray(s)
+        if s.shape != (len(cands),):
+            raise ValueError(f"{eval_set.label}: item {item.id!r} has {len(cands)} candidates "
+                             f"but scores of shape {s.shape}")
+        yield item, cands, s
+
+
 def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, float]:
     """Metrics of one eval set given per-item scores.
 
@@ -127,21 +152,8 @@ def set_metrics(eval_set: EvalSet, scores: Sequence[np.ndarray]) -> dict[str, fl
       ValueError: the number of score vectors or of scores in one vector does not match, naming
         the set and item.
     """
-    if len(scores) != len(eval_set.items):
-        raise ValueError(f"{eval_set.label}: got {len(scores)} score vectors for "
-                         f"{len(eval_set.items)} items")
-    pool = None
     correct, recalls, ndcgs = 0, [], []
-    for item, s in zip(eval_set.items, scores):
-        if item.candidates is None:
-            pool = pool if pool is not None else tuple(eval_set.catalogue.ids())
-            cands = pool
-        else:
-            cands = item.candidates
-        s = np.asarray(s)
-        if s.shape != (len(cands),):
-            raise ValueError(f"{eval_set.label}: item {item.id!r} has {len(cands)} candidates "
-                             f"but scores of shape {s.shape}")
+    for item, cands, s in scored_items(eval_set, scores):
         correct += top1_credit(s, cands, item.gold)
         if item.candidates is None:
             recalls.append(recall_at_k(s, cands, item.gold))

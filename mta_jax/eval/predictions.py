@@ -40,17 +40,8 @@ FIELDS = ("set", "seed", "id", "method", "gold", "credit", "top")
 def item_records(eval_set: EvalSet, method: str, scores: Sequence[np.ndarray],
                  top: int = TOP) -> Iterator[dict]:
     """One record per item of ``eval_set`` for ``method``'s ``scores`` (as :func:`metrics.set_metrics` takes them)."""
-    if len(scores) != len(eval_set.items):
-        raise ValueError(f"{eval_set.label}: got {len(scores)} score vectors for {len(eval_set.items)} items")
-    pool = None
-    for item, s in zip(eval_set.items, scores):
-        if item.candidates is None:
-            pool = pool if pool is not None else tuple(eval_set.catalogue.ids())
-        cands = pool if item.candidates is None else item.candidates
-        s = np.asarray(s, dtype=np.float64)
-        if s.shape != (len(cands),):
-            raise ValueError(f"{eval_set.label}: item {item.id!r} has {len(cands)} candidates "
-                             f"but scores of shape {s.shape}")
+    for item, cands, s in metrics_lib.scored_items(eval_set, scores):
+        s = np.asarray(s, np.float64)
         abstained = bool(np.all(s == metrics_lib.ABSTAIN))
         order = [] if abstained else np.argsort(-s, kind="stable")[:top]
         yield {"set": eval_set.name, "seed": eval_set.seed, "id": item.id, "method": method,
