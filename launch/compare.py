@@ -56,25 +56,33 @@ def report(paths, a: str, b: str, confusions: int = 0) -> str:
     for r in rows:
         lines.append(f"| {r.set} | {r.queries} | {r.seeds} | {100 * r.acc_a:.1f} | {100 * r.acc_b:.1f} | "
                      f"{100 * (r.acc_a - r.acc_b):+.2f} | {r.wins} / {r.losses} | {r.p:.3g} |")
-    for r in rows:
-        if confusions <= 0:
-            break
-        by_gold = predictions.errors_by_gold(records, (a, b), r.set)
-        total = {m: sum(row[m] for row in by_gold.values()) for m in (a, b)}
-        macro = {m: 100 * sum(1 - row[m] / row["items"] for row in by_gold.values()) / len(by_gold) for m in (a, b)}
-        lines += ["", f"{r.set}: per gold tool, each of the {len(by_gold)} weighted equally: "
-                  f"{a} {macro[a]:.1f}, {b} {macro[b]:.1f}.",
-                  "", f"{r.set}: the gold tools where {a} errs most, over {r.seeds} seed(s) "
-                  f"({a}: {total[a]:.0f} errors, {b}: {total[b]:.0f})", "",
-                  f"| gold | items | {a} errors | {b} errors | share of {a}'s errors |", "|---|---:|---:|---:|---:|"]
-        worst = sorted(by_gold.items(), key=lambda kv: -kv[1][a])[:confusions]
-        lines += [f"| {g} | {row['items']} | {row[a]:.0f} | {row[b]:.0f} | {100 * row[a] / max(total[a], 1e-9):.0f}% |"
-                  for g, row in worst]
-        counts = predictions.confusions(records, a, r.set)
-        title = f"{r.set}: {a}'s most frequent errors over {r.seeds} seed(s) ({sum(counts.values())} wrong items)"
-        lines += ["", title, "", "| gold | chosen | items |", "|---|---|---:|"]
-        lines += [f"| {gold} | {chosen} | {n} |" for (gold, chosen), n in counts.most_common(confusions)]
+    if confusions > 0:
+        for r in rows:
+            lines += _error_tables(records, r, a, b, confusions)
     return "\n".join(lines)
+
+
+def _error_tables(records, r, a: str, b: str, top: int) -> list[str]:
+    """Markdown lines for eval set ``r.set``: per-gold-tool (macro) accuracy of ``a`` and ``b``, the
+    ``top`` gold tools where ``a`` errs most, and ``a``'s ``top`` most frequent (gold → chosen) pairs."""
+    from mta_jax.eval import predictions
+
+    by_gold = predictions.errors_by_gold(records, (a, b), r.set)
+    total = {m: sum(row[m] for row in by_gold.values()) for m in (a, b)}
+    macro = {m: 100 * sum(1 - row[m] / row["items"] for row in by_gold.values()) / len(by_gold) for m in (a, b)}
+    lines = ["", f"{r.set}: per gold tool, each of the {len(by_gold)} weighted equally: "
+              f"{a} {macro[a]:.1f}, {b} {macro[b]:.1f}.",
+              "", f"{r.set}: the gold tools where {a} errs most, over {r.seeds} seed(s) "
+              f"({a}: {total[a]:.0f} errors, {b}: {total[b]:.0f})", "",
+              f"| gold | items | {a} errors | {b} errors | share of {a}'s errors |", "|---|---:|---:|---:|---:|"]
+    worst = sorted(by_gold.items(), key=lambda kv: -kv[1][a])[:top]
+    lines += [f"| {g} | {row['items']} | {row[a]:.0f} | {row[b]:.0f} | {100 * row[a] / max(total[a], 1e-9):.0f}% |"
+              for g, row in worst]
+    counts = predictions.confusions(records, a, r.set)
+    title = f"{r.set}: {a}'s most frequent errors over {r.seeds} seed(s) ({sum(counts.values())} wrong items)"
+    lines += ["", title, "", "| gold | chosen | items |", "|---|---|---:|"]
+    lines += [f"| {gold} | {chosen} | {n} |" for (gold, chosen), n in counts.most_common(top)]
+    return lines
 
 
 def main(argv):
