@@ -6,7 +6,8 @@ Command (2 CPU cores; the README's first command runs it together with the FT ba
       --methods=random,bm25,zero_shot,mta
 Expected runtime (2 CPU cores, measured): training 5.5 min (100 steps, ~3.1 s/step after ~13 s of data prep
 and compilation); evaluating the default methods on the nine test sets ~4 min (main job: 11.7 min). On a
-2-core AMD Zen 5 host: training 3.3 min, main job 7.6 min (session 22).
+2-core AMD Zen 5 host: training 3.3 min, main job 7.6 min (session 22); on a Zen 4 host 5.5 / 13.9 min
+(session 25).
 Expected metric (mta, top-1 %, unseen test tools, protocol seeds 0-4, training seeds 0-7): MetaTool SD
 88.6 / CD 91.1, ToolLens SD 61.8 / CD 80.4; seed 0 (the main job): 89.1 ± 0.2 / 91.8 ± 0.2 / 62.1 ± 0.3 /
 80.1 ± 0.1. Full table in BUILD_NOTES.md "Results".
